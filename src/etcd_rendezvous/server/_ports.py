@@ -1,0 +1,69 @@
+"""Free ports and URL formatting for loopback etcd members."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+BIND_ERROR_MARKERS = ("address already in use", "bind: ")
+
+
+def find_free_port(host: str = "127.0.0.1") -> socket.socket:
+    """Return a listening socket bound to a free port on ``host`` (torch's signature).
+
+    The port is "reserved" while the socket is open; close it just before handing
+    the port to the program that binds it. Another process may still take the port
+    in between: :class:`EtcdServer` notices that and retries with fresh ports.
+
+    Usage::
+
+        sock = find_free_port()
+        port = sock.getsockname()[1]
+        sock.close()
+    """
+    infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    last_error: OSError | None = None
+    for family, type_, proto, _, sockaddr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.bind(sockaddr)
+            sock.listen(0)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        return sock
+    raise OSError(f"could not bind a free port on {host!r}: {last_error}")
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports on ``host`` (all reserved at once, then released)."""
+    socks = [find_free_port(host) for _ in range(count)]
+    try:
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True if something accepts TCP connections on host:port."""
+    with contextlib.suppress(OSError), socket.create_connection((host.strip("[]"), port), timeout):
+        return True
+    return False
+
+
+def format_host(host: str) -> str:
+    """``::1`` -> ``[::1]``; names and IPv4 addresses unchanged."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://{format_host(host)}:{port}"
+
+
+def looks_like_bind_error(log_tail: str) -> bool:
+    text = log_tail.lower()
+    return all(marker in text for marker in BIND_ERROR_MARKERS)

@@ -1,0 +1,83 @@
+"""Suite-wide fixtures: every etcd-facing test runs on every installed etcd binary.
+
+The fixtures themselves (``etcd_server``, ``etcd_client``, ``etcd_cluster``) come from
+the package's pytest plugin; here ``etcd_binary`` is overridden to be parametrized
+over :func:`list_etcd_binaries` (or just ``--etcd-binary`` when it is given).
+Session scope: servers start once per binary.
+
+At the end of the session, any etcd process this interpreter started and that is
+still running fails the run (and is stopped), so leaks are noticed, not inherited.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from etcd_rendezvous.server import EtcdBinary, find_etcd_binary, list_etcd_binaries
+from etcd_rendezvous.server._binary import etcd_version
+from etcd_rendezvous.server._process import live_processes
+
+
+def _binaries(config: pytest.Config) -> list[EtcdBinary]:
+    explicit = config.getoption("--etcd-binary")
+    if explicit:
+        path = find_etcd_binary(explicit)
+        return [EtcdBinary(path=path, source="--etcd-binary", version=etcd_version(path))]
+    return list_etcd_binaries()
+
+
+def _ids(binaries: list[EtcdBinary]) -> list[str]:
+    ids: list[str] = []
+    for binary in binaries:
+        base = f"etcd-{binary.version}"
+        ids.append(base if base not in ids else f"{base}-{binary.source}")
+    return ids
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Parametrize the session-scoped `etcd_binary` fixture (defined below) directly, so
+    # tests using any etcd fixture are grouped per binary and servers start once each.
+    if "etcd_binary" in metafunc.fixturenames:
+        binaries = _binaries(metafunc.config)
+        if not binaries:
+            return  # the fixture falls back to find_etcd_binary(), which explains why not
+        metafunc.parametrize(
+            "etcd_binary",
+            [b.path for b in binaries],
+            ids=_ids(binaries),
+            scope="session",
+            indirect=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def etcd_binary(request: pytest.FixtureRequest) -> str:
+    param: Any = getattr(request, "param", None)
+    if param is not None:
+        return str(param)
+    try:
+        return find_etcd_binary(request.config.getoption("--etcd-binary"))
+    except Exception as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaked = live_processes()
+    if not leaked:
+        return
+    descriptions = [f"pid {p.pid}: {' '.join(p.argv[:3])} ..." for p in leaked]
+    for proc in leaked:
+        proc.kill()
+    message = (
+        f"{len(leaked)} etcd process(es) started by the test suite were still running at the "
+        "end (now killed):\n  " + "\n  ".join(descriptions)
+    )
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True, bold=True)
+    else:  # pragma: no cover
+        os.write(2, (message + "\n").encode())
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
