@@ -1,0 +1,200 @@
+"""The gateway codec and endpoint parsing: pure functions, no etcd."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from etcd_rendezvous.client import Compare, Op, parse_endpoints
+from etcd_rendezvous.client._codec import ALL_KEYS, Codec, prefix_range_end
+from etcd_rendezvous.client._retry import Retry
+from etcd_rendezvous.client._transport import Endpoint, translate_error
+from etcd_rendezvous.errors import (
+    EtcdAuthError,
+    EtcdCompactedError,
+    EtcdLeaseNotFoundError,
+    EtcdRequestError,
+    EtcdTimeoutError,
+    EtcdUnavailableError,
+)
+
+keys = st.binary(min_size=1, max_size=64)
+values = st.binary(max_size=256)
+int64 = st.integers(min_value=0, max_value=2**63 - 1)
+
+
+def _as_etcd_sends(
+    req_kv: dict[str, str], create: int, mod: int, version: int, lease: int
+) -> dict[str, str]:
+    """A KeyValue the way the gateway sends it: zero values left out, int64 as strings."""
+    data = {"key": req_kv["key"]}
+    if req_kv["value"]:
+        data["value"] = req_kv["value"]
+    for name, number in (
+        ("create_revision", create),
+        ("mod_revision", mod),
+        ("version", version),
+        ("lease", lease),
+    ):
+        if number:
+            data[name] = str(number)
+    return data
+
+
+@given(ns=st.binary(max_size=16), key=keys, value=values, c=int64, m=int64, v=int64, lease=int64)
+def test_put_request_round_trips_through_the_reply_decoder(
+    ns: bytes, key: bytes, value: bytes, c: int, m: int, v: int, lease: int
+) -> None:
+    codec = Codec(ns)
+    req = codec.put_request(key, value, lease or None)
+    assert base64.b64decode(req["key"]) == ns + key
+    if lease:
+        assert req["lease"] == str(lease)
+    kv = codec.kv(_as_etcd_sends(req, c, m, v, lease))
+    assert (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease) == (
+        key,
+        value,
+        c,
+        m,
+        v,
+        lease,
+    )
+
+
+@given(prefix=st.binary(max_size=8), rest=st.binary(max_size=8))
+def test_prefix_range_end_bounds_exactly_the_prefix(prefix: bytes, rest: bytes) -> None:
+    end = prefix_range_end(prefix)
+    key = prefix + rest
+    if end == ALL_KEYS:
+        assert set(prefix) <= {0xFF}
+    else:
+        assert prefix <= key < end
+        assert not end.startswith(prefix)
+
+
+def test_prefix_range_end_examples() -> None:
+    assert prefix_range_end(b"a") == b"b"
+    assert prefix_range_end(b"a\xff") == b"b"
+    assert prefix_range_end(b"\xff\xff") == ALL_KEYS
+    assert prefix_range_end(b"") == ALL_KEYS
+
+
+def test_namespace_confines_ranges() -> None:
+    codec = Codec(b"/ns/")
+    end = codec.range_end(b"", ALL_KEYS, prefix=False)
+    assert end is not None and base64.b64decode(end) == b"/ns0"
+    end = codec.range_end(b"", None, prefix=True)
+    assert end is not None and base64.b64decode(end) == b"/ns0"
+    end = codec.range_end(b"a", b"c", prefix=False)
+    assert end is not None and base64.b64decode(end) == b"/ns/c"
+    with pytest.raises(ValueError, match="either"):
+        codec.range_end(b"a", b"c", prefix=True)
+    assert codec.strip(b"/ns/key") == b"key"
+
+
+def test_zero_values_left_out_decode_to_defaults() -> None:
+    codec = Codec()
+    resp = codec.range_response({"header": {"revision": "7"}})
+    assert (resp.kvs, resp.count, resp.more, resp.revision) == ([], 0, False, 7)
+    txn = codec.txn_response(
+        {"header": {"revision": "9"}, "responses": [{"response_txn": {"header": {}}}]}
+    )
+    assert not txn.succeeded
+    assert txn.responses[0].revision == 9  # nested replies have no header revision
+    (event,) = codec.events([{"type": "DELETE", "kv": {"key": "YQ==", "mod_revision": "3"}}])
+    assert (event.type, event.key, event.value, event.revision) == ("DELETE", b"a", b"", 3)
+
+
+def test_compare_and_op_encoding() -> None:
+    codec = Codec(b"n/")
+    assert codec.compare(Compare.version("k", "==", 0)) == {
+        "key": base64.b64encode(b"n/k").decode(),
+        "result": "EQUAL",
+        "target": "VERSION",
+        "version": "0",
+    }
+    assert codec.compare(Compare.value("k", "!=", b"\x00"))["value"] == "AA=="
+    assert codec.compare(Compare.lease("k", ">", 5))["lease"] == "5"
+    assert "range_end" in codec.compare(Compare.mod_revision("k", "<", 5, prefix=True))
+    with pytest.raises(ValueError, match="compare operator"):
+        Compare.version("k", "=", 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Op\.get"):
+        codec.op(object())  # type: ignore[arg-type]
+    req = codec.txn_request([], [Op.txn([], [Op.delete("a", prefix=True)])], [])
+    assert "request_txn" in req["success"][0]
+    with pytest.raises(TypeError):
+        Op.put(1, "v")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:2379", [Endpoint("http", "127.0.0.1", 2379)]),
+        ("http://localhost:1234", [Endpoint("http", "localhost", 1234)]),
+        ("https://h:1", [Endpoint("https", "h", 1)]),
+        ("[::1]:2379", [Endpoint("http", "::1", 2379)]),
+        ("http://[fe80::1]:5", [Endpoint("http", "fe80::1", 5)]),
+        ("a:1, b:2,a:1", [Endpoint("http", "a", 1), Endpoint("http", "b", 2)]),
+        ("hostonly", [Endpoint("http", "hostonly", 2379)]),
+    ],
+)
+def test_parse_endpoints(text: str, expected: list[Endpoint]) -> None:
+    assert parse_endpoints(text) == expected
+
+
+def test_parse_endpoints_sequence_ipv6_netloc_and_tls_default() -> None:
+    eps = parse_endpoints(["[::1]:1", "x:2"], default_scheme="https")
+    assert [e.url for e in eps] == ["https://[::1]:1", "https://x:2"]
+
+
+@pytest.mark.parametrize("bad", ["", " , ", "ftp://h:1", "h:notaport", "http://h:1/path"])
+def test_parse_endpoints_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoints(bad)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "cls"),
+    [
+        (14, "etcdserver: no leader", EtcdUnavailableError),
+        (4, "context deadline exceeded", EtcdTimeoutError),
+        (16, "etcdserver: invalid auth token", EtcdAuthError),
+        (7, "etcdserver: permission denied", EtcdAuthError),
+        (3, "etcdserver: authentication failed, invalid user ID or password", EtcdAuthError),
+        (5, "etcdserver: requested lease not found", EtcdLeaseNotFoundError),
+        (11, "etcdserver: mvcc: required revision has been compacted", EtcdCompactedError),
+        (3, "etcdserver: key not found", EtcdRequestError),
+    ],
+)
+def test_translate_error(code: int, message: str, cls: type[Exception]) -> None:
+    body = f'{{"error":"{message}","code":{code},"message":"{message}"}}'.encode()
+    err = translate_error("/v3/kv/put", "http://h:1", 400, body, key=b"k")
+    assert type(err) is cls
+    assert "http://h:1" in str(err) and "b'k'" in str(err) and message in str(err)
+    assert err.endpoint == "http://h:1" and err.key == b"k"
+
+
+def test_translate_error_non_json() -> None:
+    err = translate_error("/v3/kv/put", "http://h:1", 502, b"<html>bad gateway</html>")
+    assert isinstance(err, EtcdRequestError) and "HTTP 502" in str(err)
+
+
+def test_retry_is_bounded_with_backoff_and_jitter() -> None:
+    now = [0.0]
+    retry = Retry(
+        deadline=1.0, delay=0.1, backoff=2.0, max_delay=0.3, jitter=0.0, clock=lambda: now[0]
+    )
+    delays = []
+    while (d := retry.next_delay()) is not None:
+        delays.append(d)
+        now[0] += d
+    assert delays[:3] == [0.1, 0.2, 0.3]
+    assert sum(delays) <= 1.0 + 1e-9
+    retry.reset()
+    assert retry.attempts == 0 and retry.remaining() == 1.0
+    capped = Retry(max_tries=2, jitter=0.5, rand=lambda: 1.0, delay=0.1)
+    assert capped.next_delay() == pytest.approx(0.15)
+    assert capped.next_delay() is None

@@ -1,0 +1,94 @@
+"""Leases: grant, revoke, time-to-live, keep-alive, expiry and loss reporting."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.errors import (
+    EtcdClientError,
+    EtcdLeaseNotFoundError,
+)
+
+
+def test_grant_ttl_revoke(etcd_client: EtcdClient) -> None:
+    grant = etcd_client.lease_grant(30)
+    assert grant.id > 0 and grant.ttl == 30
+    etcd_client.put("a", "1", lease=grant.id)
+    etcd_client.put("b", "2", lease=grant.id)
+    info = etcd_client.lease_time_to_live(grant.id, keys=True)
+    assert info.id == grant.id and info.granted_ttl == 30 and 0 < info.ttl <= 30
+    assert sorted(info.keys) == [b"a", b"b"]
+    assert etcd_client.lease_time_to_live(grant.id).keys == []
+    assert grant.id in etcd_client.lease_leases()
+    assert etcd_client.lease_keep_alive_once(grant.id) == 30
+    etcd_client.lease_revoke(grant.id)
+    assert etcd_client.range("", prefix=True).count == 0
+    assert etcd_client.lease_time_to_live(grant.id).ttl == -1
+    with pytest.raises(EtcdLeaseNotFoundError, match="not found"):
+        etcd_client.lease_keep_alive_once(grant.id)
+    with pytest.raises(EtcdLeaseNotFoundError):
+        etcd_client.lease_revoke(grant.id)
+    with pytest.raises(EtcdLeaseNotFoundError):
+        etcd_client.put("c", "3", lease=grant.id)
+
+
+def test_grant_with_chosen_id(etcd_client: EtcdClient) -> None:
+    lease_id = 0x1234_5678_0000 + (time.monotonic_ns() & 0xFFFF)
+    grant = etcd_client.lease_grant(10, lease_id)
+    assert grant.id == lease_id
+    etcd_client.lease_revoke(lease_id)
+
+
+def test_keep_alive_versus_expiry(etcd_client: EtcdClient) -> None:
+    kept = etcd_client.lease(1)
+    expiring = etcd_client.lease(1, keep_alive=False)
+    etcd_client.put("kept", "1", lease=kept.id)
+    etcd_client.put("expiring", "1", lease=expiring.id)
+    with etcd_client.watch("expiring") as watch:
+        event = watch.next_event(timeout=5)
+    assert event is not None and event.type == "DELETE"
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:  # well past the TTL: still there
+        time.sleep(0.1)
+    assert etcd_client.get("kept") is not None
+    assert not kept.is_lost and kept.error is None and kept.remaining > 0
+    assert kept.time_to_live() >= 0  # seconds, rounded down; -1 once gone
+    assert kept.refresh() == 1
+    kept.revoke()
+    assert etcd_client.get("kept") is None
+    assert not kept.is_lost  # revoked by us: not a loss
+    expiring.close()
+
+
+def test_loss_is_reported(etcd_client: EtcdClient) -> None:
+    seen: list[EtcdClientError] = []
+    called = threading.Event()
+
+    def on_lost(err: EtcdClientError) -> None:
+        seen.append(err)
+        called.set()
+
+    lease = etcd_client.lease(2, on_lost=on_lost)
+    assert not lease.wait_lost(0)
+    etcd_client.lease_revoke(lease.id)  # behind the Lease's back
+    assert lease.wait_lost(3)
+    assert called.wait(1)
+    assert lease.is_lost and isinstance(lease.error, EtcdLeaseNotFoundError)
+    assert seen == [lease.error]
+    assert "lost" in repr(lease)
+    with pytest.raises(EtcdLeaseNotFoundError):
+        lease.refresh()
+    lease.close()
+
+
+def test_context_manager_revokes(etcd_client: EtcdClient) -> None:
+    with etcd_client.lease(10) as lease:
+        etcd_client.put("k", "v", lease=lease.id)
+        assert etcd_client.get("k") is not None
+    assert etcd_client.get("k") is None
+    assert etcd_client.lease_time_to_live(lease.id).ttl == -1
+    assert not any(t.name.startswith("etcd-lease") and t.is_alive() for t in threading.enumerate())
