@@ -92,8 +92,22 @@ def _resolve(value: str) -> str | None:
     return os.path.abspath(_unwrap_console_script(value))
 
 
-def _candidates() -> list[tuple[str, str | None, str]]:
-    """(source, resolved path or None, what was looked at), in discovery order."""
+def _every_etcd_on_path() -> list[str]:
+    """Every usable ``etcd`` in every $PATH directory, in PATH order (not only the first)."""
+    found: list[str] = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        resolved = _resolve(os.path.join(directory or os.curdir, "etcd"))
+        if resolved is not None:
+            found.append(resolved)
+    return found
+
+
+def _candidates(*, every_on_path: bool = False) -> list[tuple[str, str | None, str]]:
+    """(source, resolved path or None, what was looked at), in discovery order.
+
+    With ``every_on_path``, each ``etcd`` on $PATH is a candidate (for listing), not
+    only the first one (which is what discovery uses).
+    """
     out: list[tuple[str, str | None, str]] = []
     for env in (ENV_BINARY, ENV_TORCH_BINARY):
         value = os.environ.get(env)
@@ -109,6 +123,8 @@ def _candidates() -> list[tuple[str, str | None, str]]:
             "`etcd` on $PATH" + ("" if on_path else " (none)"),
         )
     )
+    if every_on_path:
+        out.extend(("PATH", path, "`etcd` on $PATH") for path in _every_etcd_on_path())
     distro = _distro_binary()
     out.append(
         (
@@ -153,7 +169,7 @@ def list_etcd_binaries() -> list[EtcdBinary]:
     """Every distinct usable etcd binary found, in discovery order (the first is the default)."""
     seen: set[str] = set()
     found: list[EtcdBinary] = []
-    for source, path, _ in _candidates():
+    for source, path, _ in _candidates(every_on_path=True):
         if path is None:
             continue
         key = os.path.realpath(path)
