@@ -1,0 +1,52 @@
+"""Errors of the rendezvous engine (all derive from :class:`EtcdRendezvousError`)."""
+
+from __future__ import annotations
+
+from etcd_rendezvous.errors import EtcdRendezvousError
+
+
+class RendezvousError(EtcdRendezvousError):
+    """A rendezvous operation failed; ``run_id`` names the rendezvous."""
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class RendezvousClosedError(RendezvousError):
+    """The rendezvous is closed: the job is over and no round will start again."""
+
+
+class RendezvousGracefulExitError(RendezvousClosedError):
+    """The rendezvous closed while this node waited as a hot spare (like torch's)."""
+
+
+class RendezvousTimeoutError(RendezvousError):
+    """``join`` (or ``close``) did not complete within its timeout."""
+
+
+class RendezvousLeftError(RendezvousError):
+    """This node left the rendezvous (``leave()``) or lost its lease while joining."""
+
+
+class RendezvousStateError(RendezvousError):
+    """A value under the run's prefix is not a valid rendezvous record.
+
+    Raised for corrupt or foreign data (not JSON, wrong format version, missing
+    fields); ``key`` is the offending key. Nothing under the prefix is ever
+    unpickled or executed.
+    """
+
+    def __init__(self, message: str, *, run_id: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, run_id=run_id)
+        self.key = key
+
+
+__all__ = [
+    "RendezvousClosedError",
+    "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousLeftError",
+    "RendezvousStateError",
+    "RendezvousTimeoutError",
+]

@@ -1,0 +1,982 @@
+"""The rendezvous as a pure state machine: ``step(state, event, now) -> (state, actions)``.
+
+Design
+======
+
+Keys (under ``<key_prefix>/<run_id>/``; values are JSON with ``"format": 1``, see
+``_records.py``):
+
+``nodes/<node_id>``  one per node, attached to the node's lease (keep-alive is the
+                     heartbeat; a dead node's key vanishes when its lease expires).
+                     ``{"seen": R, "data": {...}}``: "I want a round after R", R being
+                     the last round the node saw committed. Written once per ``join``.
+``ctl/leader``       the node that decides and commits rounds; created by a txn
+                     (``create_revision == 0``) and attached to the leader's lease, so a
+                     dead leader is replaced by whoever wins the next create.
+``ctl/round``        the last committed round: ``{"round": R, "members": [...]}`` with
+                     ``members[r]`` holding rank ``r``. Written once per round by the
+                     leader in a txn guarded on this key's ``mod_revision`` (the previous
+                     round's) and on the leader key's lease: exactly one outcome per
+                     round, and a deposed leader cannot commit.
+``ctl/status``       the leader's summary of the running round (participants, waiting,
+                     spares, lost members); what ``num_nodes_waiting()`` reads locally.
+``ctl/closed``       present once the rendezvous is closed (created once, by a txn).
+
+Who is where, derived (nobody writes lists): for the last committed round ``R`` with
+members ``M``, the *participants* are the members whose key still exists with
+``seen < R`` (they have not asked for another round). Every other live node key is
+*pending* for round ``R + 1``: rejoining members (``seen == R``), late nodes, spares.
+While round ``R`` has participants, pending nodes are the *wait list* if the round has
+room (``participants < max_nodes``; ``num_nodes_waiting()`` counts them, telling the
+agents to re-rendezvous) or the *redundancy list* (hot spares) when it is full; spares
+are exempt from the join timeout, as in torch. A node is never in two lists: its one
+key is either a participant's or a pending one.
+
+Rounds: once round ``R`` has no participants left (all rejoined, left or died), round
+``R + 1`` forms from the pending nodes. The leader commits it at once when
+``max_nodes`` are pending; with ``min_nodes`` pending it waits ``last_call_timeout``
+(started when the count reached ``min_nodes``, cleared if it drops below) -- unless
+``fast_quorum`` is on and round ``R`` existed, in which case every live member of
+``R`` has rejoined and it commits at once (issue 5). More than ``max_nodes`` pending:
+previous members first, then by arrival (key ``create_revision``); the rest stay
+pending for the next round (spares).
+
+Ranks are dense ``0..N-1`` and deterministic for a membership: members of the previous
+round keep their rank when it is below ``N``; the holes go to the other staying
+members (by old rank), then to new nodes sorted by node id (the first round is just
+the node ids sorted).
+
+Liveness and restarts: a node's lease expiring (SIGKILL, pause beyond the TTL)
+deletes its key; the leader sees the watch event and publishes the member as lost in
+``ctl/status``, which every node watches: that is the membership-change notification.
+A ``leave()`` revokes the lease (same effect, at once). A node that restarts under a
+new id is a new node (like torch: the old one simply expires); restarted under the
+same ``node_id``, the engine revokes the stale lease still holding its key (so the old
+incarnation, and its leadership, vanish at once) and joins as a pending node.
+``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
+``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
+
+Costs: each node writes O(1) keys per round (its node key, perhaps one leader-create
+txn); nobody rewrites anyone else's state. Only the leader watches ``nodes/``
+(O(N) events per round); everyone else watches ``ctl/`` (O(1) events per round), so
+fan-out stays O(N) for the cluster. Waits are watches; timers (join timeout, last
+call, status debounce) are deadlines returned by :func:`next_deadline`.
+
+This module does no I/O and reads no clock: ``now`` (monotonic seconds) comes with
+every event. Transitions are the rows of :data:`TRANSITIONS`; the executor in
+``engine.py`` performs the returned actions and feeds back what etcd said.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from etcd_rendezvous.rendezvous._records import NodeRecord, RoundRecord, StatusRecord
+
+# --- configuration, knowledge, results ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one node knows of the rendezvous's settings."""
+
+    node_id: str
+    min_nodes: int
+    max_nodes: int
+    last_call_timeout: float = 30.0
+    fast_quorum: bool = False
+    status_interval: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
+            raise ValueError(
+                f"need 1 <= min_nodes <= max_nodes, got min_nodes={self.min_nodes} "
+                f"max_nodes={self.max_nodes}"
+            )
+        if self.last_call_timeout < 0 or self.status_interval < 0:
+            raise ValueError("timeouts must not be negative")
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """A live node key as the leader sees it (``order`` is its create_revision)."""
+
+    seen: int
+    order: int
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """This node's place in a committed round."""
+
+    round: int
+    rank: int
+    world_size: int
+    members: tuple[str, ...]
+    data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+class ChangeKind(enum.Enum):
+    ROUND_COMMITTED = "round_committed"
+    MEMBERSHIP = "membership"  # lost members or waiting/spare counts changed
+    CLOSED = "closed"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A membership change, as told to listeners."""
+
+    kind: ChangeKind
+    round: int
+    lost: tuple[str, ...] = ()
+    waiting: int = 0
+    spares: int = 0
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # no join in progress and no assignment
+    JOINING = "joining"  # our key asks for a round; waiting for one that includes us
+    MEMBER = "member"  # we hold an assignment for a committed round
+    CLOSED = "closed"  # the rendezvous is closed (terminal)
+    LEFT = "left"  # we left (terminal)
+
+
+class Scope(enum.Enum):
+    CONTROL = "control"  # watch ctl/ only
+    ALL = "all"  # watch the whole run prefix (the leader)
+
+
+class Failure(enum.Enum):
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+    GRACEFUL_EXIT = "graceful_exit"
+    LEFT = "left"
+    LEASE_LOST = "lease_lost"
+
+
+# --- events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Join:
+    """Join the next round by ``deadline``; ``timeout`` renews it when a spare is promoted."""
+
+    deadline: float
+    data: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = math.inf
+
+
+@dataclass(frozen=True)
+class Leave:
+    pass
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    pass
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything read at one revision; ``nodes`` is None for a ctl/-only read."""
+
+    revision: int
+    round: RoundRecord | None
+    round_revision: int
+    status: StatusRecord | None
+    closed: bool
+    leader: str | None
+    nodes: Mapping[str, NodeEntry] | None
+
+
+@dataclass(frozen=True)
+class NodePut:
+    node_id: str
+    entry: NodeEntry
+
+
+@dataclass(frozen=True)
+class NodeDeleted:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class RoundCommitted:
+    record: RoundRecord
+    revision: int
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    record: StatusRecord | None
+
+
+@dataclass(frozen=True)
+class ClosedSeen:
+    pass
+
+
+@dataclass(frozen=True)
+class LeaderChanged:
+    holder: str | None
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Internal: re-evaluate the leader's duties after every other event."""
+
+
+Event = (
+    Join
+    | Leave
+    | Close
+    | LeaseLost
+    | Tick
+    | Snapshot
+    | NodePut
+    | NodeDeleted
+    | RoundCommitted
+    | StatusChanged
+    | ClosedSeen
+    | LeaderChanged
+    | Evaluate
+)
+
+# --- actions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PutNode:
+    record: NodeRecord
+
+
+@dataclass(frozen=True)
+class DeleteNode:
+    pass
+
+
+@dataclass(frozen=True)
+class RevokeLease:
+    pass
+
+
+@dataclass(frozen=True)
+class AcquireLeadership:
+    pass
+
+
+@dataclass(frozen=True)
+class Resync:
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class CommitRound:
+    """Create/replace ``ctl/round`` iff its mod_revision is ``prev_revision`` (0: absent)."""
+
+    record: RoundRecord
+    prev_revision: int
+
+
+@dataclass(frozen=True)
+class PublishStatus:
+    record: StatusRecord
+
+
+@dataclass(frozen=True)
+class PutClosed:
+    pass
+
+
+@dataclass(frozen=True)
+class Deliver:
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Fail:
+    failure: Failure
+    message: str
+
+
+@dataclass(frozen=True)
+class Notify:
+    change: Change
+
+
+Action = (
+    PutNode
+    | DeleteNode
+    | RevokeLease
+    | AcquireLeadership
+    | Resync
+    | CommitRound
+    | PublishStatus
+    | PutClosed
+    | Deliver
+    | Fail
+    | Notify
+)
+
+# --- state -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    """One node's state: its phase plus what it knows of etcd."""
+
+    phase: Phase = Phase.IDLE
+    join_deadline: float | None = None
+    join_timeout: float = math.inf
+    join_data: Mapping[str, str] = field(default_factory=dict)
+    spare: bool = False  # on the redundancy list (exempt from the join timeout)
+    assignment: Assignment | None = None
+    # knowledge
+    round: RoundRecord | None = None
+    round_revision: int = 0
+    status: StatusRecord | None = None
+    closed: bool = False
+    leader: str | None = None
+    nodes: Mapping[str, NodeEntry] | None = None  # the full view (leader only)
+    # leader bookkeeping
+    min_reached_at: float | None = None
+    committing: int = 0
+    published: StatusRecord | None = None
+    published_at: float = -math.inf
+
+    @property
+    def round_number(self) -> int:
+        return self.round.round if self.round is not None else 0
+
+
+# --- the derived view (pure functions of round + nodes) ----------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """Who is where, derived from the last round and the live node keys."""
+
+    round: int
+    participants: tuple[str, ...]  # live members of `round` that have not asked again
+    pending: tuple[str, ...]  # every other live node, in selection order
+    lost: tuple[str, ...]  # members of `round` whose key is gone
+
+    @property
+    def running(self) -> bool:
+        return bool(self.participants)
+
+    def waiting(self, cfg: Config) -> int:
+        if self.running and len(self.participants) < cfg.max_nodes:
+            return len(self.pending)
+        return 0
+
+    def spares(self, cfg: Config) -> int:
+        if self.running:
+            return len(self.pending) if len(self.participants) >= cfg.max_nodes else 0
+        return max(0, len(self.pending) - cfg.max_nodes)
+
+
+def derive_view(round_: RoundRecord | None, nodes: Mapping[str, NodeEntry]) -> View:
+    """Classify the live nodes against the last committed round."""
+    number = round_.round if round_ is not None else 0
+    members = round_.members if round_ is not None else ()
+    prev_rank = {m: r for r, m in enumerate(members)}
+    participants = tuple(m for m in members if m in nodes and nodes[m].seen < number)
+    active = set(participants)
+
+    def order(node_id: str) -> tuple[int, int, str]:
+        if node_id in prev_rank:
+            return (0, prev_rank[node_id], node_id)
+        return (1, nodes[node_id].order, node_id)
+
+    pending = tuple(sorted((n for n in nodes if n not in active), key=order))
+    lost = tuple(m for m in members if m not in nodes)
+    return View(round=number, participants=participants, pending=pending, lost=lost)
+
+
+def assign_ranks(previous: tuple[str, ...], chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """Rank order for ``chosen``: dense, deterministic, stable for nodes that stay."""
+    size = len(chosen)
+    prev_rank = {m: r for r, m in enumerate(previous)}
+    slots: list[str | None] = [None] * size
+    movers: list[str] = []
+    for node in sorted((n for n in chosen if n in prev_rank), key=prev_rank.__getitem__):
+        if prev_rank[node] < size:
+            slots[prev_rank[node]] = node
+        else:
+            movers.append(node)
+    movers.extend(sorted(n for n in chosen if n not in prev_rank))
+    fill = iter(movers)
+    return tuple(slot if slot is not None else next(fill) for slot in slots)
+
+
+# --- guards and effects --------------------------------------------------------------
+
+Guard = Callable[[Config, State, Event, float], bool]
+Effect = Callable[[Config, State, Event, float], tuple[State, list[Action]]]
+
+
+def _always(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return True
+
+
+def _is_leader(cfg: Config, state: State) -> bool:
+    return state.leader == cfg.node_id and state.nodes is not None
+
+
+def _view(cfg: Config, state: State) -> View | None:
+    if not _is_leader(cfg, state) or state.nodes is None:
+        return None
+    return derive_view(state.round, state.nodes)
+
+
+def _round_full(cfg: Config, state: State) -> bool:
+    """Is the running round at max_nodes (so that pending nodes are hot spares)?"""
+    view = _view(cfg, state)
+    if view is not None:
+        return view.running and len(view.participants) >= cfg.max_nodes
+    status = state.status
+    return (
+        status is not None
+        and status.round == state.round_number
+        and status.participants >= cfg.max_nodes
+    )
+
+
+def _is_spare(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return _round_full(cfg, state)
+
+
+def _join_expired(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return (
+        state.join_deadline is not None
+        and now >= state.join_deadline
+        and not _round_full(cfg, state)
+    )
+
+
+def _in_round(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return isinstance(event, RoundCommitted) and cfg.node_id in event.record.members
+
+
+def _closed_known(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return state.closed
+
+
+def _holder_none(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return isinstance(event, LeaderChanged) and event.holder is None
+
+
+def _holder_me(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return isinstance(event, LeaderChanged) and event.holder == cfg.node_id
+
+
+def _deposed(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return state.nodes is not None  # we held the leader's view, someone else leads now
+
+
+def _status_notable(cfg: Config, state: State, event: Event, now: float) -> bool:
+    if not isinstance(event, StatusChanged) or event.record is None:
+        return False
+    old, new = state.status, event.record
+    return old is None or (old.round, old.lost, old.waiting, old.spares) != (
+        new.round,
+        new.lost,
+        new.waiting,
+        new.spares,
+    )
+
+
+def _commit_due(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return _commit_reason(cfg, state, now) is not None
+
+
+def _status_due(cfg: Config, state: State, event: Event, now: float) -> bool:
+    status = _leader_status(cfg, state)
+    return (
+        status is not None
+        and status not in (state.status, state.published)
+        and now >= state.published_at + cfg.status_interval
+    )
+
+
+def _commit_reason(cfg: Config, state: State, now: float) -> str | None:
+    view = _view(cfg, state)
+    if view is None or view.running or state.committing > state.round_number:
+        return None
+    count = len(view.pending)
+    if count >= cfg.max_nodes:
+        return "max_nodes reached"
+    if count < cfg.min_nodes:
+        return None
+    if (
+        cfg.fast_quorum
+        and state.round is not None
+        and any(m in state.round.members for m in view.pending)
+    ):
+        return f"every live member of round {view.round} rejoined"
+    if state.min_reached_at is not None and now >= state.min_reached_at + cfg.last_call_timeout:
+        return "last call ended"
+    return None
+
+
+def _leader_status(cfg: Config, state: State) -> StatusRecord | None:
+    view = _view(cfg, state)
+    if view is None:
+        return None
+    return StatusRecord(
+        round=view.round,
+        participants=len(view.participants),
+        waiting=view.waiting(cfg),
+        spares=view.spares(cfg),
+        lost=view.lost,
+        leader=cfg.node_id,
+    )
+
+
+def _nothing(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    return state, []
+
+
+def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    if not isinstance(event, Join):
+        raise TypeError(event)
+    record = NodeRecord(node_id=cfg.node_id, seen=state.round_number, data=event.data)
+    state = replace(
+        state,
+        join_deadline=event.deadline,
+        join_timeout=event.timeout,
+        join_data=event.data,
+        assignment=None,
+        spare=False,
+    )
+    return state, [PutNode(record)]
+
+
+def _extend_join(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    if not isinstance(event, Join):
+        raise TypeError(event)
+    return replace(state, join_deadline=event.deadline, join_timeout=event.timeout), []
+
+
+def _became_spare(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return not state.spare and _round_full(cfg, state)
+
+
+def _spare_promoted(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return state.spare and not _round_full(cfg, state)
+
+
+def _mark_spare(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    return replace(state, spare=True), []
+
+
+def _promote_spare(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """Off the redundancy list: the join timeout starts again (as torch does)."""
+    return replace(state, spare=False, join_deadline=now + state.join_timeout), []
+
+
+def _fail(failure: Failure, message: str, *, delete: bool = False) -> Effect:
+    def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+        actions: list[Action] = [DeleteNode()] if delete else []
+        actions.append(Fail(failure, message))
+        return replace(state, join_deadline=None), actions
+
+    effect.__name__ = f"fail_{failure.value}"
+    return effect
+
+
+def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    actions: list[Action] = [RevokeLease()]
+    if state.phase is Phase.JOINING:
+        actions.append(Fail(Failure.LEFT, "the node left the rendezvous while joining"))
+    return replace(state, join_deadline=None, nodes=None), actions
+
+
+def _put_closed(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    return state, [PutClosed()]
+
+
+def _lease_lost(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    actions: list[Action] = []
+    if state.phase is Phase.JOINING:
+        actions.append(Fail(Failure.LEASE_LOST, "the node's lease expired while joining"))
+    actions.append(Notify(Change(ChangeKind.LEASE_LOST, state.round_number)))
+    return replace(state, join_deadline=None, assignment=None, nodes=None), actions
+
+
+def _deliver(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    if not isinstance(event, RoundCommitted):
+        raise TypeError(event)
+    record = event.record
+    assignment = Assignment(
+        round=record.round,
+        rank=record.members.index(cfg.node_id),
+        world_size=len(record.members),
+        members=record.members,
+        data=record.data,
+    )
+    change = Change(ChangeKind.ROUND_COMMITTED, record.round)
+    return replace(state, assignment=assignment, join_deadline=None), [
+        Deliver(assignment),
+        Notify(change),
+    ]
+
+
+def _notify_round(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    return state, [Notify(Change(ChangeKind.ROUND_COMMITTED, state.round_number))]
+
+
+def _closed(failure: Failure | None) -> Effect:
+    def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+        actions: list[Action] = []
+        if failure is not None:
+            actions.append(Fail(failure, "the rendezvous is closed"))
+        actions.append(Notify(Change(ChangeKind.CLOSED, state.round_number)))
+        return replace(state, join_deadline=None, nodes=None), actions
+
+    effect.__name__ = f"closed_{failure.value if failure else 'notify'}"
+    return effect
+
+
+def _acquire(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    return replace(state, nodes=None), [AcquireLeadership()]
+
+
+def _become_leader(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    return replace(state, nodes=None, min_reached_at=None), [Resync(Scope.ALL)]
+
+
+def _step_down(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    return replace(state, nodes=None, min_reached_at=None), [Resync(Scope.CONTROL)]
+
+
+def _notify_status(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    status = state.status
+    if status is None:  # pragma: no cover - guarded by _status_notable
+        return state, []
+    change = Change(
+        ChangeKind.MEMBERSHIP,
+        status.round,
+        lost=status.lost,
+        waiting=status.waiting,
+        spares=status.spares,
+    )
+    return state, [Notify(change)]
+
+
+def _commit(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    view = _view(cfg, state)
+    reason = _commit_reason(cfg, state, now)
+    if view is None or reason is None or state.nodes is None:  # pragma: no cover - guarded
+        return state, []
+    chosen = view.pending[: cfg.max_nodes]
+    previous = state.round.members if state.round is not None else ()
+    members = assign_ranks(previous, chosen)
+    record = RoundRecord(
+        round=view.round + 1,
+        members=members,
+        reason=reason,
+        leader=cfg.node_id,
+        data={m: state.nodes[m].data for m in members if state.nodes[m].data},
+    )
+    state = replace(state, committing=record.round, min_reached_at=None)
+    return state, [CommitRound(record, state.round_revision)]
+
+
+def _publish(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    status = _leader_status(cfg, state)
+    if status is None:  # pragma: no cover - guarded by _status_due
+        return state, []
+    return replace(state, published=status, published_at=now), [PublishStatus(status)]
+
+
+def _track_last_call(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """No duty due: keep the last-call clock (started when min_nodes was reached)."""
+    view = _view(cfg, state)
+    enough = view is not None and not view.running and len(view.pending) >= cfg.min_nodes
+    if enough and state.min_reached_at is None:
+        return replace(state, min_reached_at=now), []
+    if not enough and state.min_reached_at is not None:
+        return replace(state, min_reached_at=None), []
+    return state, []
+
+
+def _is_leading(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return _is_leader(cfg, state)
+
+
+# --- the table ------------------------------------------------------------------------
+
+ANY = frozenset(Phase)
+ACTIVE = frozenset({Phase.IDLE, Phase.JOINING, Phase.MEMBER})
+DONE = frozenset({Phase.CLOSED, Phase.LEFT})
+
+
+def _p(*phases: Phase) -> frozenset[Phase]:
+    return frozenset(phases)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One transition: in ``phases``, on ``event``, if ``guard``: go to ``to``, do ``effect``.
+
+    ``to`` None keeps the phase. Rows are tried in table order; the first match wins.
+    """
+
+    name: str
+    phases: frozenset[Phase]
+    event: type[object]
+    guard: Guard
+    to: Phase | None
+    effect: Effect
+
+
+IDLE, JOINING, MEMBER, CLOSED, LEFT = (
+    Phase.IDLE,
+    Phase.JOINING,
+    Phase.MEMBER,
+    Phase.CLOSED,
+    Phase.LEFT,
+)
+
+_join_closed = _fail(Failure.CLOSED, "the rendezvous is closed")
+_join_left = _fail(Failure.LEFT, "the node left the rendezvous")
+_join_timeout = _fail(Failure.TIMEOUT, "join timed out", delete=True)
+_closed_spare = _closed(Failure.GRACEFUL_EXIT)
+_closed_joining = _closed(Failure.CLOSED)
+_closed_notify = _closed(None)
+
+TRANSITIONS: tuple[Row, ...] = (
+    # Row(name, in phases, on event, if guard, then phase (None: stay), effect)
+    # the caller's commands
+    Row("join-closed", _p(CLOSED), Join, _always, None, _join_closed),
+    Row("join-left", _p(LEFT), Join, _always, None, _join_left),
+    Row("join-again", _p(JOINING), Join, _always, None, _extend_join),
+    Row("join", _p(IDLE, MEMBER), Join, _always, JOINING, _start_join),
+    Row("leave-twice", _p(LEFT), Leave, _always, None, _nothing),
+    Row("leave", _p(IDLE, JOINING, MEMBER, CLOSED), Leave, _always, LEFT, _leave),
+    Row("close-known", ANY, Close, _closed_known, None, _nothing),
+    Row("close", ANY, Close, _always, None, _put_closed),
+    Row("lease-lost", ACTIVE, LeaseLost, _always, IDLE, _lease_lost),
+    Row("lease-lost-done", DONE, LeaseLost, _always, None, _nothing),
+    # time
+    Row("join-timeout", _p(JOINING), Tick, _join_expired, IDLE, _join_timeout),
+    Row("tick", ANY, Tick, _always, None, _nothing),
+    # what etcd tells us
+    Row("snapshot", ANY, Snapshot, _always, None, _nothing),
+    Row("node-put", ANY, NodePut, _always, None, _nothing),
+    Row("node-deleted", ANY, NodeDeleted, _always, None, _nothing),
+    Row("round-mine", _p(JOINING), RoundCommitted, _in_round, MEMBER, _deliver),
+    Row("round-other", ANY, RoundCommitted, _always, None, _notify_round),
+    Row("closed-spare", _p(JOINING), ClosedSeen, _is_spare, CLOSED, _closed_spare),
+    Row("closed-joining", _p(JOINING), ClosedSeen, _always, CLOSED, _closed_joining),
+    Row("closed", _p(IDLE, MEMBER), ClosedSeen, _always, CLOSED, _closed_notify),
+    Row("closed-done", DONE, ClosedSeen, _always, None, _nothing),
+    Row("status-notable", ACTIVE, StatusChanged, _status_notable, None, _notify_status),
+    Row("status", ANY, StatusChanged, _always, None, _nothing),
+    Row("leader-done", DONE, LeaderChanged, _always, None, _nothing),
+    Row("leader-vacant", ACTIVE, LeaderChanged, _holder_none, None, _acquire),
+    Row("leader-me", ACTIVE, LeaderChanged, _holder_me, None, _become_leader),
+    Row("leader-deposed", ACTIVE, LeaderChanged, _deposed, None, _step_down),
+    Row("leader-other", ACTIVE, LeaderChanged, _always, None, _nothing),
+    # re-evaluated after every event: hot spare bookkeeping, then the leader's duties
+    Row("spare", _p(JOINING), Evaluate, _became_spare, None, _mark_spare),
+    Row("spare-promoted", _p(JOINING), Evaluate, _spare_promoted, None, _promote_spare),
+    Row("commit", ACTIVE, Evaluate, _commit_due, None, _commit),
+    Row("publish-status", ACTIVE, Evaluate, _status_due, None, _publish),
+    Row("last-call-clock", ACTIVE, Evaluate, _is_leading, None, _track_last_call),
+    Row("evaluate", ANY, Evaluate, _always, None, _nothing),
+)
+"""Every transition of the machine; tests drive each row (see ``Machine.fired``)."""
+
+
+# --- observing: update knowledge before the table decides ----------------------------
+
+
+def _observe(state: State, event: Event) -> State:
+    if isinstance(event, NodePut) and state.nodes is not None:
+        return replace(state, nodes={**state.nodes, event.node_id: event.entry})
+    if isinstance(event, NodeDeleted) and state.nodes is not None:
+        nodes = dict(state.nodes)
+        nodes.pop(event.node_id, None)
+        return replace(state, nodes=nodes)
+    if isinstance(event, RoundCommitted):
+        return replace(state, round=event.record, round_revision=event.revision)
+    if isinstance(event, StatusChanged):
+        return replace(state, status=event.record)
+    if isinstance(event, ClosedSeen):
+        return replace(state, closed=True)
+    if isinstance(event, LeaderChanged):
+        return replace(state, leader=event.holder)
+    return state
+
+
+class Machine:
+    """Runs the table. Pure apart from ``fired`` (the rows that ran, for tests)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.fired: set[str] = set()
+
+    def step(self, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+        """Apply ``event`` at monotonic time ``now``; return the new state and actions."""
+        actions: list[Action] = []
+        if isinstance(event, Snapshot):
+            state, actions = self._snapshot(state, event, now)
+        else:
+            state, actions = self._apply(state, event, now)
+        for _ in range(8):  # spare, commit, publish, clock: a few duties per event at most
+            before = state
+            state, duties = self._apply(state, Evaluate(), now)
+            actions.extend(duties)
+            if not duties and state == before:
+                break
+        return state, actions
+
+    def _apply(self, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+        if isinstance(event, RoundCommitted) and event.revision <= state.round_revision:
+            return state, []  # already known (a snapshot and the watch both told us)
+        before = state
+        if isinstance(event, StatusChanged):
+            # `_status_notable` compares with the status we knew.
+            row = self._row(before, event, now)
+            state = _observe(state, event)
+        else:
+            state = _observe(state, event)
+            row = self._row(state, event, now)
+        self.fired.add(row.name)
+        state, actions = row.effect(self.config, state, event, now)
+        if row.to is not None:
+            state = replace(state, phase=row.to)
+        return state, actions
+
+    def _row(self, state: State, event: Event, now: float) -> Row:
+        for row in TRANSITIONS:
+            if (
+                state.phase in row.phases
+                and isinstance(event, row.event)
+                and row.guard(self.config, state, event, now)
+            ):
+                return row
+        raise LookupError(f"no transition for {type(event).__name__} in {state.phase}")
+
+    def _snapshot(self, state: State, event: Snapshot, now: float) -> tuple[State, list[Action]]:
+        state = replace(
+            state,
+            nodes=event.nodes if event.nodes is not None else None,
+            committing=0,
+        )
+        state, actions = self._apply(state, event, now)
+        derived: list[Event] = []
+        if event.round is not None and event.round_revision != state.round_revision:
+            derived.append(RoundCommitted(event.round, event.round_revision))
+        if event.status != state.status:
+            derived.append(StatusChanged(event.status))
+        if event.closed and not state.closed:
+            derived.append(ClosedSeen())
+        if event.leader != state.leader or event.leader is None:
+            derived.append(LeaderChanged(event.leader))
+        for sub in derived:
+            if (
+                isinstance(sub, LeaderChanged)
+                and event.nodes is not None
+                and sub.holder == self.config.node_id
+                and state.phase in ACTIVE
+            ):
+                # a full read while we lead: this is the view we need, no resync
+                state = replace(state, leader=sub.holder)
+                continue
+            state, more = self._apply(state, sub, now)
+            actions.extend(more)
+        return state, actions
+
+
+# --- queries (no transition) ----------------------------------------------------------
+
+
+def next_deadline(config: Config, state: State) -> float | None:
+    """When the executor must feed a :class:`Tick` at the latest (None: no timer)."""
+    deadlines: list[float] = []
+    if (
+        state.phase is Phase.JOINING
+        and state.join_deadline is not None
+        and not _round_full(config, state)  # hot spares wait without a deadline
+    ):
+        deadlines.append(state.join_deadline)
+    if _is_leader(config, state) and state.phase in ACTIVE:
+        if state.min_reached_at is not None:
+            deadlines.append(state.min_reached_at + config.last_call_timeout)
+        status = _leader_status(config, state)
+        if status is not None and status not in (state.status, state.published):
+            deadlines.append(state.published_at + config.status_interval)
+    return min(deadlines) if deadlines else None
+
+
+def num_nodes_waiting(config: Config, state: State) -> int:
+    """torch's ``num_nodes_waiting``: nodes on the wait list of the running round."""
+    view = _view(config, state)
+    if view is not None:
+        return view.waiting(config)
+    if state.status is not None and state.status.round == state.round_number:
+        return state.status.waiting
+    return 0
+
+
+def is_leader(config: Config, state: State) -> bool:
+    """Does this node currently hold the leader's role and view?"""
+    return _is_leader(config, state)
+
+
+def scope(config: Config, state: State) -> Scope:
+    """What the executor should watch."""
+    return Scope.ALL if state.leader == config.node_id and state.phase in ACTIVE else Scope.CONTROL
+
+
+__all__ = [
+    "TRANSITIONS",
+    "Action",
+    "Assignment",
+    "Change",
+    "ChangeKind",
+    "Config",
+    "Event",
+    "Machine",
+    "NodeEntry",
+    "Phase",
+    "Row",
+    "Scope",
+    "State",
+    "View",
+    "assign_ranks",
+    "derive_view",
+    "is_leader",
+    "next_deadline",
+    "num_nodes_waiting",
+    "scope",
+]

@@ -1,0 +1,289 @@
+"""The rendezvous's records in etcd: key layout and the JSON codec (never pickle).
+
+Every value is one JSON object with ``"format": 1`` and a ``"kind"``; decoding
+checks both and every field's type, and raises :class:`RendezvousStateError`
+naming the key for anything else (corrupt bytes, foreign JSON, a newer format).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from etcd_rendezvous.rendezvous._errors import RendezvousStateError
+
+FORMAT = 1
+"""The format version written in (and required of) every record."""
+
+DEFAULT_KEY_PREFIX = "/etcd-rendezvous/rdzv"
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,200}$")
+
+
+def check_node_id(node_id: str) -> str:
+    """Return ``node_id`` if it can be used in a key, else raise ``ValueError``."""
+    if not _NODE_ID.match(node_id):
+        raise ValueError(
+            f"invalid node id {node_id!r}: use 1-200 characters from A-Z a-z 0-9 . _ : @ + = -"
+        )
+    return node_id
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it can be used in a key, else raise ``ValueError``."""
+    if not _NODE_ID.match(run_id):
+        raise ValueError(
+            f"invalid run id {run_id!r}: use 1-200 characters from A-Z a-z 0-9 . _ : @ + = -"
+        )
+    return run_id
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one run, all under ``<key_prefix>/<run_id>/``.
+
+    * ``nodes/<node_id>``: one per node, attached to the node's lease.
+    * ``ctl/leader``: the node that commits rounds (attached to its lease).
+    * ``ctl/round``: the last committed round (written once per round, by a txn).
+    * ``ctl/status``: the leader's summary of the current round (waiting, lost...).
+    * ``ctl/closed``: present once the rendezvous is closed.
+    """
+
+    run_id: str
+    key_prefix: str = DEFAULT_KEY_PREFIX
+
+    @property
+    def root(self) -> str:
+        return f"{self.key_prefix.rstrip('/')}/{self.run_id}/"
+
+    @property
+    def nodes(self) -> str:
+        return self.root + "nodes/"
+
+    @property
+    def ctl(self) -> str:
+        return self.root + "ctl/"
+
+    @property
+    def leader(self) -> str:
+        return self.ctl + "leader"
+
+    @property
+    def round(self) -> str:
+        return self.ctl + "round"
+
+    @property
+    def status(self) -> str:
+        return self.ctl + "status"
+
+    @property
+    def closed(self) -> str:
+        return self.ctl + "closed"
+
+    def node(self, node_id: str) -> str:
+        return self.nodes + node_id
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node's request to take part: ``seen`` is the last round it had seen committed."""
+
+    node_id: str
+    seen: int
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A committed round: ``members`` in rank order (``members[r]`` has rank ``r``)."""
+
+    round: int
+    members: tuple[str, ...]
+    reason: str = ""
+    leader: str = ""
+    time: str = ""
+    data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """The leader's summary of round ``round`` (what ``num_nodes_waiting`` reports)."""
+
+    round: int
+    participants: int
+    waiting: int
+    spares: int
+    lost: tuple[str, ...] = ()
+    leader: str = ""
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class ClosedRecord:
+    by: str
+    time: str = ""
+
+
+Record = NodeRecord | RoundRecord | StatusRecord | LeaderRecord | ClosedRecord
+
+
+def _dump(kind: str, body: Mapping[str, Any]) -> bytes:
+    return json.dumps(
+        {"format": FORMAT, "kind": kind, **body}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def encode(record: Record) -> bytes:
+    """The JSON bytes stored for ``record``."""
+    if isinstance(record, NodeRecord):
+        return _dump("node", {"node": record.node_id, "seen": record.seen, "data": record.data})
+    if isinstance(record, RoundRecord):
+        return _dump(
+            "round",
+            {
+                "round": record.round,
+                "members": list(record.members),
+                "reason": record.reason,
+                "leader": record.leader,
+                "time": record.time,
+                "data": record.data,
+            },
+        )
+    if isinstance(record, StatusRecord):
+        return _dump(
+            "status",
+            {
+                "round": record.round,
+                "participants": record.participants,
+                "waiting": record.waiting,
+                "spares": record.spares,
+                "lost": list(record.lost),
+                "leader": record.leader,
+            },
+        )
+    if isinstance(record, LeaderRecord):
+        return _dump("leader", {"node": record.node_id})
+    return _dump("closed", {"by": record.by, "time": record.time})
+
+
+class _Fields:
+    """Typed access to a decoded JSON object; every failure names the key."""
+
+    def __init__(self, obj: Mapping[str, Any], key: str, run_id: str | None) -> None:
+        self.obj = obj
+        self.key = key
+        self.run_id = run_id
+
+    def error(self, what: str) -> RendezvousStateError:
+        return RendezvousStateError(
+            f"invalid rendezvous record at {self.key!r}: {what}; the value was not written by "
+            f"etcd-rendezvous (format {FORMAT}) -- delete the run's keys or use another run id",
+            run_id=self.run_id,
+            key=self.key,
+        )
+
+    def integer(self, name: str) -> int:
+        value = self.obj.get(name)
+        if type(value) is not int or value < 0:
+            raise self.error(f"field {name!r} must be a non-negative integer, got {value!r}")
+        return value
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self.obj.get(name, default)
+        if not isinstance(value, str):
+            raise self.error(f"field {name!r} must be a string, got {value!r}")
+        return value
+
+    def node_id(self, value: Any, what: str) -> str:
+        if not isinstance(value, str) or not _NODE_ID.match(value):
+            raise self.error(f"{what} must be a node id, got {value!r}")
+        return value
+
+    def str_list(self, name: str) -> tuple[str, ...]:
+        value = self.obj.get(name, [])
+        if not isinstance(value, list):
+            raise self.error(f"field {name!r} must be a list, got {value!r}")
+        return tuple(self.node_id(item, f"an item of {name!r}") for item in value)
+
+    def str_map(self, value: Any, what: str) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self.error(f"{what} must be an object of strings, got {value!r}")
+        return dict(value)
+
+
+def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
+    """Decode and validate the record stored at ``key``; raise RendezvousStateError."""
+    fields = _Fields({}, key, run_id)
+    try:
+        obj = json.loads(value.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise fields.error(f"not JSON ({exc}): {value[:80]!r}") from exc
+    if not isinstance(obj, dict):
+        raise fields.error(f"not a JSON object: {value[:80]!r}")
+    fields.obj = obj
+    if obj.get("format") != FORMAT:
+        raise fields.error(f"format {obj.get('format')!r}, expected {FORMAT}")
+    kind = obj.get("kind")
+    if kind == "node":
+        return NodeRecord(
+            node_id=fields.node_id(obj.get("node"), "field 'node'"),
+            seen=fields.integer("seen"),
+            data=fields.str_map(obj.get("data", {}), "field 'data'"),
+        )
+    if kind == "round":
+        members = fields.str_list("members")
+        if len(set(members)) != len(members):
+            raise fields.error("field 'members' has duplicates")
+        raw_data = obj.get("data", {})
+        if not isinstance(raw_data, dict):
+            raise fields.error(f"field 'data' must be an object, got {raw_data!r}")
+        return RoundRecord(
+            round=fields.integer("round"),
+            members=members,
+            reason=fields.string("reason", ""),
+            leader=fields.string("leader", ""),
+            time=fields.string("time", ""),
+            data={
+                fields.node_id(k, "a key of 'data'"): fields.str_map(v, f"data of {k!r}")
+                for k, v in raw_data.items()
+            },
+        )
+    if kind == "status":
+        return StatusRecord(
+            round=fields.integer("round"),
+            participants=fields.integer("participants"),
+            waiting=fields.integer("waiting"),
+            spares=fields.integer("spares"),
+            lost=fields.str_list("lost"),
+            leader=fields.string("leader", ""),
+        )
+    if kind == "leader":
+        return LeaderRecord(node_id=fields.node_id(obj.get("node"), "field 'node'"))
+    if kind == "closed":
+        return ClosedRecord(by=fields.string("by", ""), time=fields.string("time", ""))
+    raise fields.error(f"unknown kind {kind!r}")
+
+
+R = TypeVar("R", NodeRecord, RoundRecord, StatusRecord, LeaderRecord, ClosedRecord)
+
+
+def decode_as(cls: type[R], value: bytes, *, key: str, run_id: str | None = None) -> R:
+    """Decode the record at ``key`` and check it is a ``cls``."""
+    record = decode(value, key=key, run_id=run_id)
+    if not isinstance(record, cls):
+        raise RendezvousStateError(
+            f"invalid rendezvous record at {key!r}: expected a {cls.__name__}, "
+            f"got a {type(record).__name__}",
+            run_id=run_id,
+            key=key,
+        )
+    return record

@@ -1,0 +1,354 @@
+"""A deterministic in-memory model of etcd driving several rendezvous machines.
+
+Only the pure state machine is under test here: this model implements the few etcd
+semantics the executor relies on (revisions, leases deleting keys, guarded txns,
+ordered watch streams per scope) so that hypothesis can explore interleavings. The
+real executor is tested against real etcd in test_engine.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from etcd_rendezvous.rendezvous import _machine as m
+from etcd_rendezvous.rendezvous._observe import key_event, snapshot
+from etcd_rendezvous.rendezvous._records import (
+    ClosedRecord,
+    Keys,
+    LeaderRecord,
+    RoundRecord,
+    StatusRecord,
+    decode,
+    encode,
+)
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+@dataclasses.dataclass
+class Stored:
+    value: bytes
+    create: int
+    mod: int
+    owner: str | None  # the node whose lease the key is attached to
+
+
+@dataclasses.dataclass
+class SimNode:
+    node_id: str
+    machine: m.Machine
+    state: m.State = dataclasses.field(default_factory=m.State)
+    cursor: int = 0
+    scope: m.Scope = m.Scope.CONTROL
+    lease: bool = False
+    dead: bool = False
+    started: bool = False
+    assignments: list[m.Assignment] = dataclasses.field(default_factory=list)
+    failures: list[m.Failure] = dataclasses.field(default_factory=list)
+    changes: list[m.Change] = dataclasses.field(default_factory=list)
+
+
+class World:
+    def __init__(
+        self,
+        node_ids: list[str],
+        *,
+        min_nodes: int,
+        max_nodes: int,
+        last_call_timeout: float = 1.0,
+        fast_quorum: bool = False,
+        join_timeout: float = 1000.0,
+    ) -> None:
+        self.keys = Keys("run")
+        self.min_nodes, self.max_nodes = min_nodes, max_nodes
+        self.join_timeout = join_timeout
+        self.nodes = {
+            n: SimNode(
+                n,
+                m.Machine(
+                    m.Config(
+                        n,
+                        min_nodes,
+                        max_nodes,
+                        last_call_timeout=last_call_timeout,
+                        fast_quorum=fast_quorum,
+                    )
+                ),
+            )
+            for n in node_ids
+        }
+        self.store: dict[str, Stored] = {}
+        self.rev = 1
+        self.log: list[tuple[int, str, Stored | None]] = []
+        self.now = 0.0
+        self.commits: dict[int, RoundRecord] = {}
+
+    # --- the etcd model -------------------------------------------------------------
+
+    def _put(self, key: str, value: bytes, owner: str | None) -> None:
+        self.rev += 1
+        old = self.store.get(key)
+        kv = Stored(value, old.create if old else self.rev, self.rev, owner)
+        self.store[key] = kv
+        self.log.append((self.rev, key, kv))
+
+    def _delete(self, key: str) -> None:
+        if key in self.store:
+            self.rev += 1
+            del self.store[key]
+            self.log.append((self.rev, key, None))
+
+    def _revoke(self, node: SimNode) -> None:
+        for key in [k for k, v in self.store.items() if v.owner == node.node_id]:
+            self._delete(key)
+        node.lease = False
+
+    def _in_scope(self, node: SimNode, key: str) -> bool:
+        return node.scope is m.Scope.ALL or key.startswith(self.keys.ctl)
+
+    def _resync(self, node: SimNode, scope: m.Scope) -> None:
+        node.scope = scope
+        node.cursor = len(self.log)
+        kvs = [
+            (k, v.value, v.create, v.mod)
+            for k, v in sorted(self.store.items())
+            if self._in_scope(node, k)
+        ]
+        self.feed(node, snapshot(self.keys, self.rev, kvs, with_nodes=scope is m.Scope.ALL))
+
+    # --- executing a node's actions ----------------------------------------------------
+
+    def feed(self, node: SimNode, event: m.Event) -> None:
+        node.state, actions = node.machine.step(node.state, event, self.now)
+        for action in actions:
+            self._execute(node, action)
+
+    def _execute(self, node: SimNode, action: m.Action) -> None:
+        keys = self.keys
+        if isinstance(action, m.PutNode):
+            node.lease = True  # the executor grants a lease before the first put
+            self._put(keys.node(node.node_id), encode(action.record), node.node_id)
+        elif isinstance(action, m.DeleteNode):
+            if keys.node(node.node_id) in self.store:
+                self._delete(keys.node(node.node_id))
+        elif isinstance(action, m.RevokeLease):
+            self._revoke(node)
+        elif isinstance(action, m.AcquireLeadership):
+            if node.lease and keys.leader not in self.store:
+                self._put(keys.leader, encode(LeaderRecord(node.node_id)), node.node_id)
+        elif isinstance(action, m.Resync):
+            self._resync(node, action.scope)
+        elif isinstance(action, m.CommitRound):
+            self._commit(node, action)
+        elif isinstance(action, m.PublishStatus):
+            leader = self.store.get(keys.leader)
+            if leader is not None and leader.owner == node.node_id:
+                self._check_status(action.record)
+                self._put(keys.status, encode(action.record), None)
+        elif isinstance(action, m.PutClosed):
+            if keys.closed not in self.store:
+                self._put(keys.closed, encode(ClosedRecord(node.node_id)), None)
+        elif isinstance(action, m.Deliver):
+            self._check_assignment(node, action.assignment)
+            node.assignments.append(action.assignment)
+        elif isinstance(action, m.Fail):
+            node.failures.append(action.failure)
+        elif isinstance(action, m.Notify):
+            node.changes.append(action.change)
+        else:  # pragma: no cover
+            raise AssertionError(action)
+
+    def _commit(self, node: SimNode, action: m.CommitRound) -> None:
+        keys = self.keys
+        current = self.store.get(keys.round)
+        leader = self.store.get(keys.leader)
+        ok = (
+            (current.mod if current else 0) == action.prev_revision
+            and leader is not None
+            and leader.owner == node.node_id
+        )
+        if not ok:
+            self._resync(node, m.scope(node.machine.config, node.state))
+            return
+        self._check_commit(action.record)
+        self.commits[action.record.round] = action.record
+        self._put(keys.round, encode(action.record), None)
+
+    # --- invariants -----------------------------------------------------------------
+
+    def _check_commit(self, record: RoundRecord) -> None:
+        number = record.round
+        if number in self.commits:
+            raise InvariantError(f"round {number} committed twice")
+        if number != max(self.commits, default=0) + 1:
+            raise InvariantError(f"round {number} after {max(self.commits, default=0)}")
+        members = record.members
+        if len(set(members)) != len(members):
+            raise InvariantError(f"duplicate members in {members}")
+        if not self.min_nodes <= len(members) <= self.max_nodes:
+            raise InvariantError(f"world size {len(members)} outside [min, max]")
+        previous = self.commits.get(number - 1)
+        if previous is not None:
+            # no split brain: nobody still running the previous round is in the new one,
+            # and no member of the previous round is still running it at all.
+            for member in previous.members:
+                stored = self.store.get(self.keys.node(member))
+                if stored is not None:
+                    seen = decode(stored.value, key="k").seen  # type: ignore[union-attr]
+                    if seen < previous.round:
+                        raise InvariantError(
+                            f"round {number} committed while {member} still runs "
+                            f"round {previous.round}"
+                        )
+
+    def _check_assignment(self, node: SimNode, assignment: m.Assignment) -> None:
+        record = self.commits.get(assignment.round)
+        if record is None or record.members != assignment.members:
+            raise InvariantError(f"{node.node_id} got an uncommitted assignment")
+        if record.members[assignment.rank] != node.node_id:
+            raise InvariantError("rank does not match the committed order")
+        if assignment.world_size != len(record.members):
+            raise InvariantError("world size does not match")
+        if any(a.round == assignment.round for a in node.assignments):
+            raise InvariantError(f"{node.node_id} admitted twice to round {assignment.round}")
+
+    def _check_status(self, status: StatusRecord) -> None:
+        if status.waiting and status.spares:
+            raise InvariantError(f"a node counted in two lists: {status}")
+        if status.participants > self.max_nodes:
+            raise InvariantError(f"more participants than max_nodes: {status}")
+
+    def check_lists(self) -> None:
+        """In the true store: participants and pending are disjoint and cover every node."""
+        kvs = {
+            k[len(self.keys.nodes) :]: v
+            for k, v in self.store.items()
+            if k.startswith(self.keys.nodes)
+        }
+        round_kv = self.store.get(self.keys.round)
+        round_ = decode(round_kv.value, key="k") if round_kv else None
+        assert round_ is None or isinstance(round_, RoundRecord)
+        entries: Mapping[str, m.NodeEntry] = {
+            n: m.NodeEntry(decode(v.value, key="k").seen, v.create)  # type: ignore[union-attr]
+            for n, v in kvs.items()
+        }
+        view = m.derive_view(round_, entries)
+        if set(view.participants) & set(view.pending):
+            raise InvariantError("a node is both participant and pending")
+        if set(view.participants) | set(view.pending) != set(entries):
+            raise InvariantError("a node is in no list")
+        if view.waiting(self.nodes_cfg()) and view.spares(self.nodes_cfg()):
+            raise InvariantError("waiting and spares at once")
+
+    def nodes_cfg(self) -> m.Config:
+        return next(iter(self.nodes.values())).machine.config
+
+    # --- driving --------------------------------------------------------------------
+
+    def start(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.dead:
+            return
+        if not node.started:
+            node.started = True
+            node.lease = True  # the executor grants the lease, then reads
+            self._resync(node, m.Scope.CONTROL)
+        self.feed(node, m.Join(self.now + self.join_timeout, {}, self.join_timeout))
+
+    def deliver(self, node_id: str) -> bool:
+        """Deliver the next watch event to ``node_id``; False when it has none."""
+        node = self.nodes[node_id]
+        if node.dead or not node.started:
+            return False
+        while node.cursor < len(self.log):
+            _rev, key, kv = self.log[node.cursor]
+            node.cursor += 1
+            if not self._in_scope(node, key):
+                continue
+            event = key_event(
+                self.keys,
+                key,
+                kv.value if kv else None,
+                create_revision=kv.create if kv else 0,
+                mod_revision=kv.mod if kv else 0,
+            )
+            if event is not None:
+                self.feed(node, event)
+                return True
+        return False
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        for node in self.nodes.values():
+            if node.started and not node.dead:
+                deadline = m.next_deadline(node.machine.config, node.state)
+                if deadline is not None and deadline <= self.now:
+                    self.feed(node, m.Tick())
+
+    def kill(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if not node.dead:
+            self._revoke(node)
+            node.dead = True
+
+    def expire(self, node_id: str) -> None:
+        """The node's lease expires while it is paused; then it resumes."""
+        node = self.nodes[node_id]
+        if node.dead or not node.started or not node.lease:
+            return
+        self._revoke(node)
+        self.feed(node, m.LeaseLost())
+
+    def leave(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.started and not node.dead:
+            self.feed(node, m.Leave())
+
+    def close(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.started and not node.dead:
+            self.feed(node, m.Close())
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.started and not n.dead]
+
+    def settle(self, *, agents: bool = True, max_steps: int = 20000) -> None:
+        """Deliver everything and let time pass until nothing more happens.
+
+        With ``agents``, members behave like torch's agent: a member that learns of
+        waiting nodes or lost members of its round joins again.
+        """
+        for _ in range(max_steps):
+            progressed = False
+            for node in self.live():
+                while self.deliver(node.node_id):
+                    progressed = True
+            if agents:
+                for node in self.live():
+                    if node.state.phase is m.Phase.MEMBER and self._should_rejoin(node):
+                        self.feed(node, m.Join(self.now + self.join_timeout, {}, self.join_timeout))
+                        progressed = True
+            if progressed:
+                continue
+            deadlines = [
+                d
+                for n in self.live()
+                if (d := m.next_deadline(n.machine.config, n.state)) is not None
+            ]
+            if not deadlines:
+                return
+            self.advance(max(0.0, min(deadlines) - self.now) + 1e-6)
+        raise InvariantError("the world did not settle")
+
+    def _should_rejoin(self, node: SimNode) -> bool:
+        status = node.state.status
+        assignment = node.state.assignment
+        return (
+            status is not None
+            and assignment is not None
+            and status.round == assignment.round
+            and (status.waiting > 0 or bool(status.lost))
+        )
