@@ -8,6 +8,8 @@ Fixtures:
   ``etcd_server`` whose keys live under a fresh namespace, deleted after the test.
 * ``etcd_cluster`` (session): a started 3-member :class:`~etcd_rendezvous.server.EtcdCluster`.
   Tests that break members must leave it healthy, or use their own cluster.
+* ``etcd_tls_files`` (session): :class:`TLSFiles`, PEM files from a throw-away CA for
+  ``TLSConfig`` (needs ``trustme``; the tests using it are skipped without it).
 
 To run every test on several binaries, override ``etcd_binary`` in your
 ``conftest.py`` with a parametrized session fixture.
@@ -15,6 +17,7 @@ To run every test on several binaries, override ``etcd_binary`` in your
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -60,15 +63,13 @@ def etcd_server(etcd_binary: str) -> Iterator[EtcdServer]:
 @pytest.fixture
 def etcd_client(etcd_server: EtcdServer) -> Iterator[EtcdClient]:
     """A client on ``etcd_server`` confined to a fresh key namespace, wiped afterwards."""
-    from etcd_rendezvous.client import EtcdClient
-
     namespace = f"/pytest-{uuid.uuid4().hex}/"
-    client = EtcdClient(etcd_server.endpoint, namespace=namespace)
+    client = etcd_server.get_client(namespace=namespace)
     try:
         yield client
     finally:
         client.close()
-        with EtcdClient(etcd_server.endpoint) as cleaner:
+        with etcd_server.get_client() as cleaner:
             cleaner.delete(namespace, prefix=True)
 
 
@@ -77,3 +78,42 @@ def etcd_cluster(etcd_binary: str) -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster on loopback, shared by the whole session."""
     with EtcdCluster(3, binary=etcd_binary) as cluster:
         yield cluster
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS tests: a CA, a server certificate for 127.0.0.1/localhost, a
+    client certificate (both signed by the CA, both usable for server and client auth),
+    and an unrelated CA that trusts neither."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+
+
+@pytest.fixture(scope="session")
+def etcd_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """Certificates from a throw-away CA, e.g. for ``EtcdServer(tls=TLSConfig(...))``."""
+    trustme = pytest.importorskip("trustme")
+    base = tmp_path_factory.mktemp("etcd-tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    client = ca.issue_cert("client@example.com")
+    files = TLSFiles(
+        ca=str(base / "ca.pem"),
+        server_cert=str(base / "server.pem"),
+        server_key=str(base / "server.key"),
+        client_cert=str(base / "client.pem"),
+        client_key=str(base / "client.key"),
+        other_ca=str(base / "other-ca.pem"),
+    )
+    ca.cert_pem.write_to_path(files.ca)
+    server.cert_chain_pems[0].write_to_path(files.server_cert)
+    server.private_key_pem.write_to_path(files.server_key)
+    client.cert_chain_pems[0].write_to_path(files.client_cert)
+    client.private_key_pem.write_to_path(files.client_key)
+    trustme.CA().cert_pem.write_to_path(files.other_ca)
+    return files

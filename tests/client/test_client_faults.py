@@ -171,3 +171,35 @@ def test_write_with_unknown_outcome_is_not_retried(healthy_cluster: EtcdCluster)
             assert client.endpoint != paused.url
         finally:
             paused.resume()
+
+
+def test_watch_and_lease_leave_a_paused_member(healthy_cluster: EtcdCluster) -> None:
+    # SIGSTOP keeps the TCP connection open: only the idle check notices the member hangs.
+    leader = healthy_cluster.leader()
+    paused = next(m for m in healthy_cluster.members if m is not leader)
+    others = [m for m in healthy_cluster.members if m is not paused]
+    endpoints = [paused.endpoint] + [m.endpoint for m in others]
+    with EtcdClient(endpoints, namespace="/hung/", watch_idle_check=0.5) as client:
+        watch = client.watch("k", prefix=True)
+        assert watch.endpoint == paused.url
+        lease = client.lease(2)  # the client timeout (5 s) is longer than the TTL
+        client.put("k1", "1")
+        assert _next(watch).value == b"1"
+        paused.pause()
+        try:
+            started = time.monotonic()
+            with EtcdClient([m.endpoint for m in others], namespace="/hung/") as writer:
+                writer.put("k2", "2")
+                assert _next(watch, 15).value == b"2"
+                elapsed = time.monotonic() - started
+                assert watch.endpoint != paused.url
+                # Still alive a whole TTL after the pause: keep-alives moved on in time.
+                assert not lease.wait_lost(max(0.0, 2.5 - elapsed))
+                assert writer.lease_time_to_live(lease.id).ttl > 0
+            assert elapsed < 10, elapsed
+            assert watch.next_event(0.1) is None
+        finally:
+            paused.resume()
+        lease.revoke()
+        watch.cancel()
+        client.delete("", prefix=True)

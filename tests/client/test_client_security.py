@@ -4,61 +4,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import trustme
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdAuthError, EtcdUnavailableError
-from etcd_rendezvous.server import EtcdServer, find_free_port
-
-
-def _free_port() -> int:
-    sock = find_free_port()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
+from etcd_rendezvous.pytest_plugin import TLSFiles
+from etcd_rendezvous.server import EtcdServer, TLSConfig
 
 
 @pytest.fixture
-def tls_server(etcd_binary: str, tmp_path: Path) -> Iterator[tuple[EtcdServer, str, Path]]:
-    """etcd serving plain HTTP on its usual port (readiness) and HTTPS with client certs."""
-    ca = trustme.CA()
-    server_cert = ca.issue_cert("127.0.0.1", "localhost")
-    client_cert = ca.issue_cert("client@example.com")
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    server_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    server_cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    client_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
-    client_cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
-    port, tls_port = _free_port(), _free_port()
-    server = EtcdServer(
-        binary=etcd_binary,
-        port=port,
-        extra_args=[
-            "--listen-client-urls",
-            f"http://127.0.0.1:{port},https://127.0.0.1:{tls_port}",
-            "--cert-file",
-            str(tmp_path / "server.pem"),
-            "--key-file",
-            str(tmp_path / "server.key"),
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            str(tmp_path / "ca.pem"),
-        ],
+def tls_server(etcd_binary: str, etcd_tls_files: TLSFiles) -> Iterator[EtcdServer]:
+    """etcd serving HTTPS only, and requiring client certificates signed by the CA."""
+    tls = TLSConfig(
+        etcd_tls_files.server_cert,
+        etcd_tls_files.server_key,
+        etcd_tls_files.ca,
+        client_cert_auth=True,
+        client_cert_file=etcd_tls_files.client_cert,
+        client_key_file=etcd_tls_files.client_key,
     )
-    with server:
-        yield server, f"127.0.0.1:{tls_port}", tmp_path
+    with EtcdServer(binary=etcd_binary, tls=tls) as server:
+        yield server
 
 
-def test_tls_with_client_certificate(tls_server: tuple[EtcdServer, str, Path]) -> None:
-    _server, endpoint, certs = tls_server
+def test_tls_with_client_certificate(tls_server: EtcdServer, etcd_tls_files: TLSFiles) -> None:
+    endpoint = tls_server.endpoint
     with EtcdClient(
         endpoint,
-        ca_cert=str(certs / "ca.pem"),
-        cert=str(certs / "client.pem"),
-        key=str(certs / "client.key"),
+        ca_cert=etcd_tls_files.ca,
+        cert=etcd_tls_files.client_cert,
+        key=etcd_tls_files.client_key,
     ) as client:
         assert client.endpoint == f"https://{endpoint}"
         with client.watch("k") as watch:
@@ -67,17 +43,15 @@ def test_tls_with_client_certificate(tls_server: tuple[EtcdServer, str, Path]) -
             assert event is not None and event.value == b"secret"
         assert client.get("k").value == b"secret"  # type: ignore[union-attr]
     # Without a client certificate, or without trusting the CA: a clear connection error.
-    anonymous = EtcdClient(endpoint, ca_cert=str(certs / "ca.pem"), timeout=2)
+    anonymous = EtcdClient(endpoint, ca_cert=etcd_tls_files.ca, timeout=2)
     with anonymous, pytest.raises(EtcdUnavailableError, match=endpoint.split(":")[1]):
         anonymous.get("k")
-    other_ca = trustme.CA()
-    other_ca.cert_pem.write_to_path(str(certs / "other.pem"))
     with (
         EtcdClient(
             endpoint,
-            ca_cert=str(certs / "other.pem"),
-            cert=str(certs / "client.pem"),
-            key=str(certs / "client.key"),
+            ca_cert=etcd_tls_files.other_ca,
+            cert=etcd_tls_files.client_cert,
+            key=etcd_tls_files.client_key,
             timeout=2,
         ) as untrusting,
         pytest.raises(EtcdUnavailableError, match="CERTIFICATE_VERIFY_FAILED"),
@@ -88,16 +62,15 @@ def test_tls_with_client_certificate(tls_server: tuple[EtcdServer, str, Path]) -
 @pytest.fixture
 def auth_server(etcd_binary: str) -> Iterator[EtcdServer]:
     """A dedicated etcd with auth enabled (root/rootpw, alice/alicepw on /alice/), 1 s tokens."""
-    with EtcdServer(binary=etcd_binary, extra_args=["--auth-token-ttl", "1"]) as server:
-        with EtcdClient(server.endpoint) as admin:
-            admin.user_add("root", "rootpw")
-            admin.role_add("root")
-            admin.user_grant_role("root", "root")
+    server = EtcdServer(
+        binary=etcd_binary, root_password="rootpw", extra_args=["--auth-token-ttl", "1"]
+    )
+    with server:
+        with server.get_client() as admin:
             admin.user_add("alice", "alicepw")
             admin.role_add("alice")
             admin.role_grant_permission("alice", "/alice/", prefix=True)
             admin.user_grant_role("alice", "alice")
-            admin.auth_enable()
         yield server
 
 

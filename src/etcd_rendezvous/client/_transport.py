@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 Json = dict[str, Any]
 
 # gRPC status codes the gateway puts in its error bodies.
+GRPC_CANCELLED = 1
 GRPC_INVALID_ARGUMENT = 3
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_NOT_FOUND = 5
@@ -62,8 +63,12 @@ GRPC_UNAVAILABLE = 14
 GRPC_UNAUTHENTICATED = 16
 
 # Errors after which etcd certainly did not apply the request: safe to send a
-# write to another member.
-_NOT_APPLIED = ("no leader", "server stopped", "not capable", "too many requests")
+# write to another member. Each is returned before the request reaches raft.
+# NOT in the list: "etcdserver: server stopped" and "request timed out" (the
+# proposal may have been committed), "leader changed", "transport is closing".
+_NOT_APPLIED = frozenset(
+    {"etcdserver: no leader", "etcdserver: not capable", "etcdserver: too many requests"}
+)
 # Errors that a fresh auth token fixes.
 _TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
 
@@ -136,6 +141,30 @@ def _describe_key(key: bytes | str | None) -> str:
     return "" if key is None else f" (key {key!r})"
 
 
+def error_message(body: bytes | Json) -> str:
+    """The ``message`` of a gateway error reply ('' when there is none)."""
+    data: Any = body
+    if isinstance(body, bytes | bytearray):
+        try:
+            data = _loads(body)
+        except ValueError:
+            return ""
+    if not isinstance(data, dict):
+        return ""
+    return str(data.get("message") or data.get("error") or "")
+
+
+def may_resend(error: EtcdClientError, message: str, *, idempotent: bool) -> bool:
+    """Whether a request that got ``error`` (etcd's ``message``) may go to another endpoint.
+
+    Reads may, on any "unavailable" error. Writes only when etcd certainly did not
+    apply them (see ``_NOT_APPLIED``): never a blind retry of an unknown outcome.
+    """
+    if not isinstance(error, EtcdUnavailableError):
+        return False
+    return idempotent or message.strip() in _NOT_APPLIED
+
+
 def translate_error(
     path: str,
     endpoint: str,
@@ -151,18 +180,18 @@ def translate_error(
         except ValueError:
             data = None
     if not isinstance(data, dict):
+        shown = bytes(body)[:200] if isinstance(body, bytes | bytearray) else body
         return EtcdRequestError(
             f"etcd {path} on {endpoint} failed with HTTP {status}{_describe_key(key)}: "
-            f"{bytes(body)[:200]!r}"
-            if isinstance(body, bytes | bytearray)
-            else f"{body!r:.200}",
+            f"{shown!r:.300}",
             endpoint=endpoint,
             key=key,
         )
     code = data.get("code")
     message = str(data.get("message") or data.get("error") or f"HTTP {status}")
     text = f"etcd {path} on {endpoint} failed{_describe_key(key)}: {message}"
-    if code == GRPC_UNAVAILABLE:
+    if code == GRPC_UNAVAILABLE or (code == GRPC_CANCELLED and "connection is closing" in message):
+        # "grpc: the client connection is closing": the member is shutting down.
         return EtcdUnavailableError(text, endpoint=endpoint, key=key)
     if code == GRPC_DEADLINE_EXCEEDED:
         return EtcdTimeoutError(text, endpoint=endpoint, key=key)
@@ -205,10 +234,8 @@ class Transport:
         secure = ca_cert is not None or cert is not None
         self.endpoints = parse_endpoints(endpoints, default_scheme="https" if secure else "http")
         self.timeout = timeout
-        self._timeout = urllib3.Timeout(
-            connect=min(timeout, connect_timeout or timeout), read=timeout
-        )
-        self._stream_timeout = urllib3.Timeout(connect=self._timeout.connect_timeout, read=None)
+        self.connect_timeout = min(timeout, connect_timeout or timeout)
+        self._timeout = urllib3.Timeout(connect=self.connect_timeout, read=timeout)
         self._tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}
         if ca_cert is not None:
             self._tls["ca_certs"] = ca_cert
@@ -312,12 +339,22 @@ class Transport:
         idempotent: bool,
         key: bytes | str | None = None,
         endpoint: Endpoint | None = None,
+        timeout: float | None = None,
     ) -> Json:
-        """POST ``body`` to ``path``; return the decoded reply (see the module doc)."""
+        """POST ``body`` to ``path``; return the decoded reply (see the module doc).
+
+        ``timeout`` (default: the client's) bounds the wait on each endpoint.
+        """
         headers = self.headers()
         try:
             return self._send(
-                path, body, headers=headers, idempotent=idempotent, key=key, endpoint=endpoint
+                path,
+                body,
+                headers=headers,
+                idempotent=idempotent,
+                key=key,
+                endpoint=endpoint,
+                timeout=timeout,
             )
         except EtcdAuthError as exc:
             if self._username is None or not any(t in str(exc) for t in _TOKEN_ERRORS):
@@ -325,7 +362,13 @@ class Transport:
             log.debug("etcd auth token rejected (%s); authenticating again", exc)
             self.authenticate(stale=headers.get("Authorization"))
             return self._send(
-                path, body, headers=self._headers, idempotent=idempotent, key=key, endpoint=endpoint
+                path,
+                body,
+                headers=self._headers,
+                idempotent=idempotent,
+                key=key,
+                endpoint=endpoint,
+                timeout=timeout,
             )
 
     def _send(
@@ -337,9 +380,16 @@ class Transport:
         idempotent: bool,
         key: bytes | str | None = None,
         endpoint: Endpoint | None = None,
+        timeout: float | None = None,
     ) -> Json:
         if self._closed:
             raise EtcdClientError("the etcd client is closed")
+        limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        request_timeout = (
+            self._timeout
+            if timeout is None
+            else urllib3.Timeout(connect=min(limit, self.connect_timeout), read=limit)
+        )
         data = _dumps(body).encode()
         order = [endpoint] if endpoint is not None else self.rotation()
         failures: list[str] = []
@@ -354,7 +404,7 @@ class Transport:
                     headers=headers,
                     retries=False,
                     redirect=False,
-                    timeout=self._timeout,
+                    timeout=request_timeout,
                     assert_same_host=False,
                 )
             except (ConnectTimeoutError, SSLError) as exc:
@@ -364,11 +414,11 @@ class Transport:
                 continue
             except ReadTimeoutError as exc:
                 if idempotent:
-                    failures.append(f"{ep}: no reply within {self.timeout:g}s")
+                    failures.append(f"{ep}: no reply within {limit:g}s")
                     last_exc = exc
                     continue
                 raise EtcdTimeoutError(
-                    f"etcd {path} on {ep}: no reply within {self.timeout:g}s{_describe_key(key)}; "
+                    f"etcd {path} on {ep}: no reply within {limit:g}s{_describe_key(key)}; "
                     "the write may or may not have been applied (not retried)",
                     endpoint=str(ep),
                     key=key,
@@ -399,9 +449,7 @@ class Transport:
                     ) from exc
                 return reply
             err = translate_error(path, str(ep), status, payload, key)
-            if isinstance(err, EtcdUnavailableError) and (
-                idempotent or any(s in str(err) for s in _NOT_APPLIED)
-            ):
+            if may_resend(err, error_message(payload), idempotent=idempotent):
                 failures.append(f"{ep}: {err}")
                 last_exc = err
                 continue
@@ -440,7 +488,9 @@ class Transport:
                 headers=headers,
                 retries=False,
                 redirect=False,
-                timeout=self._stream_timeout,
+                # Bounded until the reply starts; then the stream may be silent for
+                # long (the watch's monitor notices a hung member instead).
+                timeout=self._timeout,
                 preload_content=False,
                 release_conn=False,
                 assert_same_host=False,
@@ -451,10 +501,49 @@ class Transport:
                 endpoint=str(endpoint),
             ) from exc
         if resp.status != 200:
-            payload = resp.read()
-            close_stream(resp)
+            try:
+                payload = resp.read()
+            except (HTTPError, OSError) as exc:
+                release_stream(resp)
+                raise EtcdUnavailableError(
+                    f"etcd {path} stream on {endpoint} failed with HTTP {resp.status} and "
+                    f"the connection broke: {_reason(exc)}",
+                    endpoint=str(endpoint),
+                ) from exc
+            release_stream(resp)
             raise translate_error(path, str(endpoint), resp.status, payload)
+        conn = resp.connection
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            sock.settimeout(None)
         return resp
+
+    def probe(self, endpoint: Endpoint, timeout: float) -> str | None:
+        """``None`` when ``endpoint`` answers a status request within ``timeout`` s.
+
+        Any HTTP reply counts (even an error): the member is alive. Otherwise, why not.
+        """
+        if self._closed:
+            return "the etcd client is closed"
+        with self._lock:
+            pool = self._pools.get(endpoint)
+            if pool is None:
+                pool = self._pools[endpoint] = self._new_pool(endpoint, 2)
+        try:
+            resp = pool.urlopen(
+                "POST",
+                "/v3/maintenance/status",
+                body=b"{}",
+                headers=_JSON_HEADERS,
+                retries=False,
+                redirect=False,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                assert_same_host=False,
+            )
+        except (HTTPError, OSError) as exc:
+            return f"no answer to a status request within {timeout:g}s ({_reason(exc)})"
+        log.debug("etcd %s answered a probe with HTTP %d", endpoint, resp.status)
+        return None
 
     def close(self) -> None:
         self._closed = True

@@ -31,7 +31,7 @@ from etcd_rendezvous.client.txn import (
     TxnOp,
     to_bytes,
 )
-from etcd_rendezvous.client.watch import Watch
+from etcd_rendezvous.client.watch import Watch, WatchMonitor
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseNotFoundError,
@@ -57,6 +57,12 @@ class EtcdClient:
     https); ``username``/``password`` enable etcd authentication. ``timeout``
     bounds every request on one endpoint. ``watch_retry`` is how long (and how
     often) a watch tries to resume after losing its connection.
+
+    ``watch_idle_check``: when a watch stream has been silent that many seconds, its
+    endpoint gets a status request (``watch_probe_timeout``, default
+    ``min(timeout, max(0.5, watch_idle_check / 2))``); a member that does not answer
+    (paused, or a network stall that keeps the connection open) loses the stream and
+    the watch resumes on another endpoint. ``None`` turns the check off.
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class EtcdClient:
         password: str | None = None,
         connect_timeout: float | None = None,
         watch_retry: Retry | None = None,
+        watch_idle_check: float | None = 5.0,
+        watch_probe_timeout: float | None = None,
     ) -> None:
         self._transport = Transport(
             endpoints,
@@ -86,6 +94,11 @@ class EtcdClient:
         self.namespace = to_bytes(namespace)
         self._codec = Codec(self.namespace)
         self.watch_retry = watch_retry if watch_retry is not None else Retry(deadline=30.0)
+        self._monitor = (
+            WatchMonitor(self._transport, watch_idle_check, probe_timeout=watch_probe_timeout)
+            if watch_idle_check
+            else None
+        )
         self._watches: set[Watch] = set()
         self._leases: set[Lease] = set()
         self._closed = False
@@ -114,24 +127,33 @@ class EtcdClient:
     def with_namespace(self, namespace: bytes | str) -> EtcdClient:
         """A view of this client with ``namespace`` appended to the current one.
 
-        The view shares the connections; closing it closes them for both.
+        The view shares the connections, watches and leases: closing it closes them
+        for both (every watch is cancelled and every keep-alive stopped).
         """
         view = object.__new__(EtcdClient)
         view._transport = self._transport
         view.namespace = self.namespace + to_bytes(namespace)
         view._codec = Codec(view.namespace)
         view.watch_retry = self.watch_retry
-        view._watches = set()
-        view._leases = set()
+        view._monitor = self._monitor
+        # Shared: closing any view stops every watch and keep-alive on the connections.
+        view._watches = self._watches
+        view._leases = self._leases
         view._closed = False
         return view
 
     # -- KV ------------------------------------------------------------------
 
     def _call(
-        self, path: str, body: dict[str, Any], *, idempotent: bool, key: bytes | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        idempotent: bool,
+        key: bytes | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        return self._transport.request(path, body, idempotent=idempotent, key=key)
+        return self._transport.request(path, body, idempotent=idempotent, key=key, timeout=timeout)
 
     def get(self, key: bytes | str, *, revision: int | None = None) -> KeyValue | None:
         """The key's current value (or at ``revision``), or ``None`` when it does not exist."""
@@ -260,9 +282,15 @@ class EtcdClient:
             [codec.strip(unb64(k)) for k in reply.get("keys") or ()],
         )
 
-    def lease_keep_alive_once(self, lease_id: int) -> int:
-        """Refresh a lease once; return its new TTL. EtcdLeaseNotFoundError when it is gone."""
-        reply = self._call("/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True)
+    def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """Refresh a lease once; return its new TTL. EtcdLeaseNotFoundError when it is gone.
+
+        ``timeout`` (at most the client's) bounds the wait on each endpoint, so a hung
+        member costs that long before the next endpoint is tried.
+        """
+        reply = self._call(
+            "/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, timeout=timeout
+        )
         result = reply.get("result")
         if result is None:
             err = reply.get("error")
@@ -334,6 +362,7 @@ class EtcdClient:
             prev_kv=prev_kv,
             retry=(retry or self.watch_retry).copy(),
             on_close=self._watches.discard,
+            monitor=self._monitor,
         )
         self._watches.add(watch)
         try:
@@ -436,6 +465,8 @@ class EtcdClient:
             watch.cancel()
         for lease in list(self._leases):
             lease.close()
+        if self._monitor is not None:
+            self._monitor.close()
         self._transport.close()
 
     def __enter__(self) -> EtcdClient:

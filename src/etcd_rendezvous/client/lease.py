@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # A failed keep-alive is retried after at most this long (and at least _MIN_RETRY).
 _MAX_RETRY = 0.5
 _MIN_RETRY = 0.02
+# Each keep-alive request waits at least this long for one endpoint's reply.
+_MIN_REQUEST_TIMEOUT = 0.5
 
 
 class Lease:
@@ -119,7 +121,10 @@ class Lease:
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self._client.timeout + 1.0)
+            # At worst one keep-alive in flight: each endpoint's timeout, then it stops.
+            thread.join(timeout=self._client.timeout * len(self._client.endpoints) + 1.0)
+            if thread.is_alive():
+                log.warning("keep-alive thread of lease %x did not stop in time", self.id)
         self._client._forget_lease(self)
 
     def __enter__(self) -> Lease:
@@ -159,7 +164,10 @@ class Lease:
         while not self._stop.wait(wait):
             sent = self._clock()
             try:
-                self._client.lease_keep_alive_once(self.id)
+                # A hung member must not cost the lease: give each endpoint a share
+                # of the time left, then the client tries the next one.
+                per_endpoint = max(_MIN_REQUEST_TIMEOUT, self.remaining / 3.0)
+                self._client.lease_keep_alive_once(self.id, timeout=per_endpoint)
             except EtcdLeaseNotFoundError as exc:
                 if not self._stop.is_set():
                     self._set_lost(exc)

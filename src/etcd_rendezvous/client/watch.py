@@ -9,6 +9,12 @@ the last one it delivered, so no event is lost or repeated. When that revision
 was compacted, :class:`~etcd_rendezvous.errors.EtcdCompactedError` is raised;
 when the retry gives up, :class:`~etcd_rendezvous.errors.EtcdWatchError`. Both
 come out of :meth:`Watch.next_event` and iteration, not a log line.
+
+A member that hangs (SIGSTOP, a network stall that keeps the TCP connection open)
+never closes the stream, so a :class:`WatchMonitor` (one thread per client) looks
+for streams silent for ``idle_check`` seconds and sends their endpoint a cheap
+status request with a short timeout; when it gets no answer, it aborts the stream
+and the watch resumes on another endpoint, as for a dropped connection.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -54,6 +61,117 @@ class _Resume(Exception):
     """The stream ended in a way that a new stream can fix."""
 
 
+class WatchMonitor:
+    """Aborts the streams of watches whose member stopped answering.
+
+    One daemon thread, started with the first watch and ended when the last one is
+    gone (or on :meth:`close`). Every ``idle_check / 2`` seconds it looks for streams
+    silent for at least ``idle_check`` seconds, probes each of their endpoints once
+    (``probe_timeout``), and aborts the streams on an endpoint that did not answer.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        idle_check: float,
+        *,
+        probe_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if idle_check <= 0:
+            raise ValueError(f"idle_check must be positive, got {idle_check}")
+        self.idle_check = idle_check
+        self.probe_timeout = (
+            probe_timeout
+            if probe_timeout is not None
+            else min(transport.timeout, max(0.5, idle_check / 2))
+        )
+        self._transport = transport
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._watches: set[Watch] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def register(self, watch: Watch) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="etcd-watch-monitor", daemon=True
+                )
+                self._thread.start()
+
+    def unregister(self, watch: Watch) -> None:
+        with self._cond:
+            self._watches.discard(watch)
+            if not self._watches:
+                self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the thread (bounded wait); idempotent."""
+        with self._cond:
+            self._closed = True
+            self._watches.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.probe_timeout + 1.0)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._closed and self._watches:
+                        self._cond.wait(self.idle_check / 2)
+                    if self._closed or not self._watches:
+                        self._thread = None
+                        return
+                    watches = list(self._watches)
+                self.check(watches)
+        except Exception:  # a bug: say so, never die silently
+            log.exception("the etcd watch monitor crashed; hung members go unnoticed")
+            with self._cond:
+                self._thread = None
+
+    def check(self, watches: list[Watch]) -> None:
+        """One round: probe the endpoints of silent streams, abort those that hang."""
+        now = self._clock()
+        silent: dict[Endpoint, list[tuple[Watch, urllib3.BaseHTTPResponse]]] = {}
+        for watch in watches:
+            state = watch._stream_state()
+            if state is None:
+                continue
+            ep, resp, last = state
+            if now - last >= self.idle_check:
+                silent.setdefault(ep, []).append((watch, resp))
+        for ep, streams in silent.items():
+            if self._closed:
+                return
+            reason = self._transport.probe(ep, self.probe_timeout)
+            if reason is None:
+                for watch, resp in streams:
+                    watch._touch(resp, self._clock())
+                continue
+            log.warning(
+                "etcd %s did not answer (%s) while %d watch stream(s) on it were silent for "
+                "%.1fs; moving them to another endpoint",
+                ep,
+                reason,
+                len(streams),
+                self.idle_check,
+            )
+            for watch, resp in streams:
+                watch._abort_stream(resp, f"{ep} hangs: {reason}")
+
+
 class Watch:
     """A running watch; create it with :meth:`EtcdClient.watch`.
 
@@ -73,6 +191,7 @@ class Watch:
         prev_kv: bool,
         retry: Retry,
         on_close: Callable[[Watch], None] | None = None,
+        monitor: WatchMonitor | None = None,
     ) -> None:
         self.key = key
         self._transport = transport
@@ -81,6 +200,9 @@ class Watch:
         self._prev_kv = prev_kv
         self._retry = retry
         self._on_close = on_close
+        self._monitor = monitor
+        self._last_activity = 0.0
+        self._abort_reason: str | None = None
         # The revision the next stream starts from; 0 = "from now" (first stream only).
         self._next_rev = start_revision or 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -151,8 +273,12 @@ class Watch:
             resp = self._resp
         if resp is not None:
             close_stream(resp)
+        if self._monitor is not None:
+            self._monitor.unregister(self)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(self._transport.timeout, 1.0))
+            # The reader may be opening a stream: bounded by connect + reply timeouts.
+            transport = self._transport
+            self._thread.join(timeout=transport.connect_timeout + transport.timeout + 1.0)
             if self._thread.is_alive():
                 log.warning("watch reader on %r did not stop in time", self.key)
         self._queue.put(_END)
@@ -178,9 +304,13 @@ class Watch:
 
     def start(self) -> None:
         """Open the stream; return once etcd confirmed the watch (or raise)."""
+        if self._monitor is not None:
+            self._monitor.register(self)
         self._thread.start()
-        # Bounded: one connect + created reply per endpoint, at worst.
+        # Bounded: one connect + reply per endpoint, at worst (plus a monitor round).
         limit = self._transport.timeout * len(self._transport.endpoints) + 1.0
+        if self._monitor is not None:
+            limit += self._monitor.idle_check * 1.5 + self._monitor.probe_timeout
         if not self._created.wait(limit):
             self.cancel()
             raise EtcdTimeoutError(
@@ -204,6 +334,28 @@ class Watch:
             req["prev_kv"] = True
         return {"create_request": req}
 
+    # -- monitor hooks (called from the monitor thread) ----------------------
+
+    def _stream_state(self) -> tuple[Endpoint, urllib3.BaseHTTPResponse, float] | None:
+        with self._lock:
+            if self._resp is None or self._endpoint is None:
+                return None
+            return self._endpoint, self._resp, self._last_activity
+
+    def _touch(self, resp: urllib3.BaseHTTPResponse, now: float) -> None:
+        with self._lock:
+            if self._resp is resp:
+                self._last_activity = max(self._last_activity, now)
+
+    def _abort_stream(self, resp: urllib3.BaseHTTPResponse, reason: str) -> None:
+        with self._lock:
+            if self._resp is not resp:
+                return
+            self._abort_reason = reason
+        close_stream(resp)
+
+    # -- reader thread -------------------------------------------------------
+
     def _run(self) -> None:
         try:
             self._loop()
@@ -217,6 +369,9 @@ class Watch:
             self._error = exc
             log.warning("watch on %r stopped: %s", self.key, exc)
             self._queue.put(exc)
+        finally:
+            if self._monitor is not None:
+                self._monitor.unregister(self)
 
     def _loop(self) -> None:
         retry = self._retry
@@ -280,6 +435,8 @@ class Watch:
         with self._lock:
             self._resp = resp
             self._endpoint = ep
+            self._abort_reason = None
+            self._last_activity = time.monotonic()
         try:
             if self._cancelled.is_set():
                 return
@@ -287,6 +444,8 @@ class Watch:
         except (HTTPError, OSError) as exc:
             if self._cancelled.is_set():
                 return
+            if self._abort_reason is not None:
+                raise _Resume(self._abort_reason) from exc
             raise _Resume(f"stream broken: {exc}") from exc
         finally:
             with self._lock:
@@ -301,7 +460,10 @@ class Watch:
             if not chunk:
                 if self._cancelled.is_set():
                     return
+                if self._abort_reason is not None:
+                    raise _Resume(self._abort_reason)
                 raise _Resume("stream closed by etcd")
+            self._last_activity = time.monotonic()
             buf += chunk
             while True:
                 nl = buf.find(b"\n")

@@ -14,6 +14,7 @@ from etcd_rendezvous.server._binary import (
 )
 from etcd_rendezvous.server._ports import find_free_port
 from etcd_rendezvous.server._process import EtcdProcess
+from etcd_rendezvous.server._security import TLSConfig
 from etcd_rendezvous.server.cluster import EtcdCluster, EtcdClusterMember
 from etcd_rendezvous.server.server import EtcdServer, stop_etcd
 
@@ -23,6 +24,7 @@ __all__ = [
     "EtcdClusterMember",
     "EtcdProcess",
     "EtcdServer",
+    "TLSConfig",
     "etcd_version",
     "find_etcd_binary",
     "find_free_port",

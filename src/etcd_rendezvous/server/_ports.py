@@ -60,8 +60,9 @@ def format_host(host: str) -> str:
     return host
 
 
-def http_url(host: str, port: int) -> str:
-    return f"http://{format_host(host)}:{port}"
+def http_url(host: str, port: int, scheme: str = "http") -> str:
+    """``http://host:port`` (or ``scheme://``), IPv6 hosts in brackets."""
+    return f"{scheme}://{format_host(host)}:{port}"
 
 
 def looks_like_bind_error(log_tail: str) -> bool:

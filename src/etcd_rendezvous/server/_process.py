@@ -40,6 +40,7 @@ from typing import IO, Any, Protocol, TypeVar
 import urllib3
 
 from etcd_rendezvous.errors import EtcdServerError
+from etcd_rendezvous.server._security import TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -401,30 +402,78 @@ class EtcdProcess:
 # --- readiness ----------------------------------------------------------------------------
 
 
-class HealthChecker:
-    """GET /health on one member: true once it serves requests with a leader."""
+class TLSCheckError(EtcdServerError):
+    """The readiness check cannot talk TLS to etcd (a certificate problem, not a delay)."""
 
-    def __init__(self, host: str, port: int, *, request_timeout: float = 1.0) -> None:
-        self._pool = urllib3.HTTPConnectionPool(
-            host.strip("[]"),
-            port,
-            maxsize=1,
-            retries=False,
-            timeout=urllib3.Timeout(connect=request_timeout, read=request_timeout),
-        )
+
+class HealthChecker:
+    """GET /health on one member: true once it serves requests with a leader.
+
+    With ``tls``, over https: the server is verified against ``tls.ca_file`` and the
+    client certificate presented when etcd asks for one. Repeated TLS handshake
+    failures raise :class:`TLSCheckError` at once rather than wait for the deadline.
+    """
+
+    MAX_TLS_FAILURES = 3
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        request_timeout: float = 1.0,
+        tls: TLSConfig | None = None,
+    ) -> None:
+        timeout = urllib3.Timeout(connect=request_timeout, read=request_timeout)
+        self._pool: urllib3.HTTPConnectionPool
+        if tls is None:
+            self._pool = urllib3.HTTPConnectionPool(
+                host.strip("[]"), port, maxsize=1, retries=False, timeout=timeout
+            )
+        else:
+            self._pool = urllib3.HTTPSConnectionPool(
+                host.strip("[]"),
+                port,
+                maxsize=1,
+                retries=False,
+                timeout=timeout,
+                **tls.pool_kwargs(),
+            )
+
+        self.last_error: str | None = None
+        """Why the last check failed (for start errors), ``None`` after a success."""
+        self._tls_failures = 0
 
     def __call__(self) -> bool:
         try:
             response = self._pool.request("GET", "/health", retries=False)
-        except urllib3.exceptions.HTTPError:
+        except urllib3.exceptions.SSLError as exc:
+            # A TLS mismatch (untrusted certificate, no client certificate) never heals.
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._tls_failures += 1
+            if self._tls_failures >= self.MAX_TLS_FAILURES:
+                raise TLSCheckError(
+                    f"the TLS handshake with etcd on {self._pool.host}:{self._pool.port} "
+                    f"failed {self._tls_failures} times: {exc}"
+                ) from exc
             return False
-        if response.status != 200:
+        except urllib3.exceptions.HTTPError as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
             return False
+        self._tls_failures = 0
         try:
             body = json.loads(response.data)
         except ValueError:
-            return False
-        return isinstance(body, dict) and body.get("health") in ("true", True)
+            body = None
+        if (
+            response.status == 200
+            and isinstance(body, dict)
+            and body.get("health") in ("true", True)
+        ):
+            self.last_error = None
+            return True
+        self.last_error = f"HTTP {response.status}: {response.data[:200]!r}"
+        return False
 
     def close(self) -> None:
         self._pool.close()

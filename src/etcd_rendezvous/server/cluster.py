@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import urllib3
 
-from etcd_rendezvous.errors import EtcdServerError, EtcdStartError
+from etcd_rendezvous.errors import EtcdRendezvousError, EtcdServerError, EtcdStartError
 from etcd_rendezvous.server._binary import etcd_version, find_etcd_binary
 from etcd_rendezvous.server._ports import format_host, free_ports, http_url, looks_like_bind_error
 from etcd_rendezvous.server._process import (
@@ -23,10 +23,12 @@ from etcd_rendezvous.server._process import (
     ChildExitedError,
     EtcdProcess,
     HealthChecker,
+    TLSCheckError,
     register_for_exit,
     unregister_for_exit,
     wait_until_ready,
 )
+from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
 from etcd_rendezvous.server.server import etcd_argv
 
 if TYPE_CHECKING:
@@ -72,7 +74,8 @@ class EtcdClusterMember:
 
     @property
     def url(self) -> str:
-        return http_url(self.host, self.client_port)
+        """The client URL (``https://`` when the cluster has TLS)."""
+        return http_url(self.host, self.client_port, self._cluster.scheme)
 
     @property
     def peer_url(self) -> str:
@@ -117,6 +120,7 @@ class EtcdClusterMember:
                 heartbeat_interval_ms=self._cluster.heartbeat_interval_ms,
                 election_timeout_ms=self._cluster.election_timeout_ms,
                 extra_args=self._cluster.extra_args,
+                tls=self._cluster.tls,
             )
             log.info("starting etcd member %s on %s", self.name, self.url)
             self._proc = EtcdProcess.spawn(argv, log_path=self.log_file)
@@ -124,7 +128,7 @@ class EtcdClusterMember:
 
     def is_healthy(self) -> bool:
         """One ``GET /health``: the member answers and sees a leader."""
-        check = HealthChecker(self.host, self.client_port)
+        check = HealthChecker(self.host, self.client_port, tls=self._cluster.tls)
         try:
             return check()
         finally:
@@ -135,7 +139,7 @@ class EtcdClusterMember:
         proc = self._proc
         if proc is None:
             raise EtcdServerError(f"{self!r} is not running")
-        check = HealthChecker(self.host, self.client_port)
+        check = HealthChecker(self.host, self.client_port, tls=self._cluster.tls)
         try:
             wait_until_ready(
                 [proc], [check], time.monotonic() + timeout, interval=MEMBER_POLL_INTERVAL
@@ -147,6 +151,11 @@ class EtcdClusterMember:
                 f"{proc.log_path}:\n{tail}",
                 returncode=proc.returncode,
                 log_tail=tail,
+            ) from exc
+        except TLSCheckError as exc:
+            tail = proc.log_tail()
+            raise EtcdStartError(
+                f"etcd member {self.name} on {self.url}: {exc}", log_tail=tail
             ) from exc
         except TimeoutError:
             tail = proc.log_tail()
@@ -201,9 +210,22 @@ class EtcdClusterMember:
 
     def status(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The member's ``/v3/maintenance/status`` reply, or ``None`` if it does not answer."""
-        pool = urllib3.HTTPConnectionPool(
-            self.host.strip("[]"), self.client_port, maxsize=1, retries=False, timeout=timeout
-        )
+        tls = self._cluster.tls
+        host = self.host.strip("[]")
+        pool: urllib3.HTTPConnectionPool
+        if tls is None:
+            pool = urllib3.HTTPConnectionPool(
+                host, self.client_port, maxsize=1, retries=False, timeout=timeout
+            )
+        else:
+            pool = urllib3.HTTPSConnectionPool(
+                host,
+                self.client_port,
+                maxsize=1,
+                retries=False,
+                timeout=timeout,
+                **tls.pool_kwargs(),
+            )
         try:
             response = pool.request("POST", "/v3/maintenance/status", body=b"{}", retries=False)
             if response.status != 200:
@@ -235,6 +257,8 @@ class EtcdCluster:
         heartbeat_interval_ms, election_timeout_ms: raft timers; the defaults
             (100 ms / 1 s) keep a loaded 2-core machine from losing its leader.
         stop_timeout: seconds each member gets after SIGTERM before SIGKILL.
+        tls, root_password: as for :class:`EtcdServer` (TLS on every member's client
+            URL; auth enabled once the new cluster is healthy).
     """
 
     def __init__(
@@ -249,9 +273,15 @@ class EtcdCluster:
         election_timeout_ms: int = CLUSTER_ELECTION_TIMEOUT_MS,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         name_prefix: str = "member",
+        tls: TLSConfig | None = None,
+        root_password: str | None = None,
     ) -> None:
         if members < 1:
             raise ValueError(f"an etcd cluster needs at least 1 member, not {members}")
+        if root_password is not None and not root_password:
+            raise ValueError("root_password must not be empty")
+        self.tls = tls
+        self._root_password = root_password
         self.binary = find_etcd_binary(binary)
         self.host = host
         self.extra_args = list(extra_args)
@@ -292,11 +322,28 @@ class EtcdCluster:
     def data_dir(self) -> str | None:
         return self._user_data_dir or self._workdir
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when the cluster runs with authentication (``root_password``)."""
+        return self._root_password is not None
+
     def get_client(self, **kwargs: Any) -> EtcdClient:
-        """A v3 :class:`~etcd_rendezvous.client.EtcdClient` over every member's endpoint."""
+        """A v3 :class:`~etcd_rendezvous.client.EtcdClient` over every member's URL.
+
+        It uses the cluster's TLS files and root credentials (:meth:`client_kwargs`);
+        ``kwargs`` go to the client and win over those.
+        """
         from etcd_rendezvous.client import EtcdClient
 
-        return EtcdClient(self.endpoints, **kwargs)
+        return EtcdClient(self.urls, **{**self.client_kwargs(), **kwargs})
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """TLS files and root credentials a client of this cluster needs (or ``{}``)."""
+        return client_kwargs(self.tls, self._root_password)
 
     def leader(self) -> EtcdClusterMember | None:
         """The member that is raft leader now, or ``None`` when none answers as leader."""
@@ -374,7 +421,7 @@ class EtcdCluster:
                 for member in self._members:
                     shutil.rmtree(member.data_dir, ignore_errors=True)
             procs = [member._spawn() for member in self._members]
-            checks = [HealthChecker(m.host, m.client_port) for m in self._members]
+            checks = [HealthChecker(m.host, m.client_port, tls=self.tls) for m in self._members]
             try:
                 wait_until_ready(procs, checks, deadline, interval=MEMBER_POLL_INTERVAL)
             except ChildExitedError as exc:
@@ -390,6 +437,15 @@ class EtcdCluster:
                     returncode=exc.proc.returncode,
                     log_tail=tail,
                 ) from None
+            except TLSCheckError as exc:
+                tails = "\n".join(
+                    f"--- {m.name}:\n{m.process.log_tail(5)}" for m in self._members if m.process
+                )
+                raise EtcdStartError(
+                    f"etcd cluster {self.urls} started, but {exc}; check the TLSConfig files\n"
+                    f"{tails}",
+                    log_tail=tails,
+                ) from exc
             except TimeoutError:
                 tails = "\n".join(
                     f"--- {m.name}:\n{m.process.log_tail(5)}" for m in self._members if m.process
@@ -403,8 +459,27 @@ class EtcdCluster:
                 for check in checks:
                     check.close()
             log.info("etcd cluster ready on %s", ",".join(self.endpoints))
+            if self._root_password is not None:
+                self._enable_auth(self._root_password, deadline)
             self._save_ports()
             return
+
+    def _enable_auth(self, password: str, deadline: float) -> None:
+        from etcd_rendezvous.client import EtcdClient
+
+        timeout = max(1.0, min(5.0, deadline - time.monotonic()))
+        tls = self.tls.client_kwargs() if self.tls is not None else {}
+        where = ",".join(self.urls)
+        try:
+            with (
+                EtcdClient(self.urls, timeout=timeout, **tls) as anonymous,
+                self.get_client(timeout=timeout) as root,
+            ):
+                enable_root_auth(anonymous, root, password, where)
+        except EtcdServerError:
+            raise
+        except EtcdRendezvousError as exc:
+            raise EtcdStartError(f"could not enable authentication on {where}: {exc}") from exc
 
     # etcd keeps each member's peer URLs in its data: a later cluster on the same data
     # dir must use the same ports, so they are saved next to the members' data dirs.

@@ -13,7 +13,9 @@ Differences from torch, all on purpose:
 * ``stop()`` is bounded (SIGTERM, wait, SIGKILL) and idempotent; an ``atexit`` handler
   is the backstop, and etcd dies with its parent even when the parent is SIGKILLed;
 * ``get_client()`` returns this package's v3 :class:`~etcd_rendezvous.client.EtcdClient`
-  (torch: a python-etcd v2 client).
+  (torch: a python-etcd v2 client);
+* optional TLS on the client URL (``tls=TLSConfig(...)``) and authentication
+  (``root_password=...``), both used by ``get_client()`` and the readiness check.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from etcd_rendezvous.errors import EtcdServerError, EtcdStartError
+from etcd_rendezvous.errors import EtcdRendezvousError, EtcdServerError, EtcdStartError
 from etcd_rendezvous.server._binary import etcd_version, find_etcd_binary
 from etcd_rendezvous.server._ports import (
     format_host,
@@ -43,11 +45,13 @@ from etcd_rendezvous.server._process import (
     ChildExitedError,
     EtcdProcess,
     HealthChecker,
+    TLSCheckError,
     register_for_exit,
     terminate_process,
     unregister_for_exit,
     wait_until_ready,
 )
+from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
 
 if TYPE_CHECKING:
     from etcd_rendezvous.client import EtcdClient
@@ -70,9 +74,13 @@ def etcd_argv(
     heartbeat_interval_ms: int,
     election_timeout_ms: int,
     extra_args: Sequence[str] = (),
+    tls: TLSConfig | None = None,
 ) -> list[str]:
-    """The etcd command line for one member, as a list (never joined and re-split)."""
-    client_url = http_url(host, client_port)
+    """The etcd command line for one member, as a list (never joined and re-split).
+
+    With ``tls``, the client URL is https (peers stay on http).
+    """
+    client_url = http_url(host, client_port, "https" if tls is not None else "http")
     peer_url = http_url(host, peer_port)
     return [
         binary,
@@ -87,6 +95,7 @@ def etcd_argv(
         "--initial-cluster-token", cluster_token,
         "--heartbeat-interval", str(heartbeat_interval_ms),
         "--election-timeout", str(election_timeout_ms),
+        *(tls.etcd_args() if tls is not None else ()),
         *extra_args,
     ]  # fmt: skip
 
@@ -134,6 +143,14 @@ class EtcdServer:
         heartbeat_interval_ms, election_timeout_ms: raft timers; the short defaults
             make a single member elect itself in milliseconds.
         stop_timeout: seconds ``stop()`` waits after SIGTERM before SIGKILL.
+        tls: serve the client URL over https (see :class:`TLSConfig`); :attr:`url` is
+            then ``https://...``, and the readiness check and ``get_client()`` verify
+            the server against ``tls.ca_file`` (and present a client certificate when
+            ``tls.client_cert_auth``).
+        root_password: turn on etcd's authentication: once ready, the first start
+            creates the user ``root`` (role ``root``) with this password and enables
+            auth; ``get_client()`` then logs in as root. A restart on a data dir where
+            auth is already on checks the password.
     """
 
     def __init__(
@@ -150,8 +167,14 @@ class EtcdServer:
         heartbeat_interval_ms: int = 10,
         election_timeout_ms: int = 50,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        tls: TLSConfig | None = None,
+        root_password: str | None = None,
     ) -> None:
+        if root_password is not None and not root_password:
+            raise ValueError("root_password must not be empty")
         self._binary = find_etcd_binary(binary)
+        self._tls = tls
+        self._root_password = root_password
         self._host = host
         self._requested_port = port
         self._requested_peer_port = peer_port
@@ -182,10 +205,22 @@ class EtcdServer:
         return f"{format_host(self._host)}:{self._port}"
 
     def get_client(self, **kwargs: Any) -> EtcdClient:
-        """A v3 :class:`~etcd_rendezvous.client.EtcdClient` on this server (close it when done)."""
+        """A v3 :class:`~etcd_rendezvous.client.EtcdClient` on this server (close it when done).
+
+        It uses this server's TLS files and root credentials (see :meth:`client_kwargs`);
+        ``kwargs`` go to the client and win over those.
+        """
         from etcd_rendezvous.client import EtcdClient
 
-        return EtcdClient(self.get_endpoint(), **kwargs)
+        return EtcdClient(self.url, **{**self.client_kwargs(), **kwargs})
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """What an :class:`~etcd_rendezvous.client.EtcdClient` of this server needs.
+
+        ``ca_cert``/``cert``/``key`` with TLS, ``username``/``password`` (root) with
+        auth; empty otherwise. Use with :attr:`url`: ``EtcdClient(server.url, **kw)``.
+        """
+        return client_kwargs(self._tls, self._root_password)
 
     # --- properties ----------------------------------------------------------------------
 
@@ -195,7 +230,21 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return http_url(self._host, self._port)
+        """The client URL, ``http://host:port`` (``https://`` with TLS)."""
+        return http_url(self._host, self._port, self.scheme)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls is not None else "http"
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        return self._tls
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when this server runs with authentication (``root_password``)."""
+        return self._root_password is not None
 
     @property
     def host(self) -> str:
@@ -336,11 +385,12 @@ class EtcdServer:
                 heartbeat_interval_ms=self._heartbeat_interval_ms,
                 election_timeout_ms=self._election_timeout_ms,
                 extra_args=self._extra_args,
+                tls=self._tls,
             )
             log.info("starting etcd on %s: %s", self.url, argv)
             started = time.monotonic()
             proc = EtcdProcess.spawn(argv, log_path=log_file, stderr=stderr)
-            check = HealthChecker(self._host, self._port)
+            check = HealthChecker(self._host, self._port, tls=self._tls)
             try:
                 wait_until_ready([proc], [check], deadline, interval=READY_POLL_INTERVAL)
             except ChildExitedError:
@@ -371,10 +421,18 @@ class EtcdServer:
                     proc,
                     stderr is not None,
                 ) from None
+            except TLSCheckError as exc:
+                proc.stop(self._stop_timeout)
+                raise _start_error(
+                    f"etcd on {self.url} started, but {exc}; check the TLSConfig files",
+                    proc,
+                    stderr is not None,
+                ) from exc
             except TimeoutError:
                 proc.stop(self._stop_timeout)
                 raise _start_error(
-                    f"etcd on {self.url} was not ready before the start timeout",
+                    f"etcd on {self.url} was not ready before the start timeout"
+                    + (f" (last check: {check.last_error})" if check.last_error else ""),
                     proc,
                     stderr is not None,
                 ) from None
@@ -383,6 +441,12 @@ class EtcdServer:
                 raise
             finally:
                 check.close()
+            if self._root_password is not None:
+                try:
+                    self._enable_auth(self._root_password, deadline)
+                except BaseException:
+                    proc.stop(self._stop_timeout)
+                    raise
             self._proc = proc
             log.info(
                 "etcd ready on %s (pid %d) in %.1f ms",
@@ -391,6 +455,22 @@ class EtcdServer:
                 (time.monotonic() - started) * 1000,
             )
             return
+
+    def _enable_auth(self, password: str, deadline: float) -> None:
+        from etcd_rendezvous.client import EtcdClient
+
+        timeout = max(1.0, min(5.0, deadline - time.monotonic()))
+        tls = self._tls.client_kwargs() if self._tls is not None else {}
+        try:
+            with (
+                EtcdClient(self.url, timeout=timeout, **tls) as anonymous,
+                self.get_client(timeout=timeout) as root,
+            ):
+                enable_root_auth(anonymous, root, password, self.url)
+        except EtcdServerError:
+            raise
+        except EtcdRendezvousError as exc:
+            raise EtcdStartError(f"could not enable authentication on {self.url}: {exc}") from exc
 
     def _choose_ports(self, *, fresh: bool) -> None:
         """Requested ports always; else the last ones (stable endpoint across restarts)."""
