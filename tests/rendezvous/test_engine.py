@@ -62,6 +62,12 @@ def wait_for(predicate: object, timeout: float = WAIT) -> None:
         time.sleep(0.01)
 
 
+def silence(r: Rendezvous) -> None:
+    """Stop refreshing ``r``'s node lease, as if its process died (the key then expires)."""
+    assert r._lease is not None and r._hub is not None
+    r._hub.keeper.remove(r._lease)
+
+
 @pytest.mark.parametrize("n", [2, 8, 32])
 def test_n_nodes_get_dense_ranks(etcd_client: EtcdClient, nodes: list[Rendezvous], n: int) -> None:
     rdzvs = make(nodes, etcd_client, n, 1, n)
@@ -167,8 +173,7 @@ def test_lease_expiry_removes_a_node(etcd_client: EtcdClient, nodes: list[Rendez
     survivors = [r for r in rdzvs if r is not victim]
     lost: list[tuple[str, ...]] = []
     survivors[0].add_listener(lambda change: lost.append(change.lost) if change.lost else None)
-    assert victim._lease is not None
-    victim._lease.close()  # a paused/dead node: no more keep-alives
+    silence(victim)  # a paused/dead node: no more keep-alives
     start = time.monotonic()
     wait_for(lambda: bool(lost), timeout=6.0)
     assert lost[0] == (victim.node_id,)
@@ -219,9 +224,8 @@ def test_restart_with_the_same_node_id(etcd_client: EtcdClient, nodes: list[Rend
     join_all(first)
     # node000 "crashes" (its lease stays alive, as after a SIGKILL) and comes back
     crashed = first[0]
-    assert crashed._lease is not None
     crashed._stopping.set()
-    crashed._lease.close()
+    silence(crashed)
     reborn = Rendezvous(etcd_client, "job", 1, 2, node_id=crashed.node_id, last_call_timeout=0.2)
     nodes.append(reborn)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

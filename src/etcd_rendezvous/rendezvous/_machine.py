@@ -11,8 +11,10 @@ Keys (under ``<key_prefix>/<run_id>/``; values are JSON with ``"format": 1``, se
                      ``{"seen": R, "data": {...}}``: "I want a round after R", R being
                      the last round the node saw committed. Written once per ``join``.
 ``ctl/leader``       the node that decides and commits rounds; created by a txn
-                     (``create_revision == 0``) and attached to the leader's lease, so a
-                     dead leader is replaced by whoever wins the next create.
+                     (``create_revision == 0``) and attached to a *leader lease* of its
+                     own, refreshed only by the leader's decision loop (not by the node's
+                     keep-alive): a dead leader, or one whose loop is wedged, loses the key
+                     within that TTL and is replaced by whoever wins the next create.
 ``ctl/round``        the last committed round: ``{"round": R, "members": [...]}`` with
                      ``members[r]`` holding rank ``r``. Written once per round by the
                      leader in a txn guarded on this key's ``mod_revision`` (the previous
@@ -56,6 +58,12 @@ incarnation, and its leadership, vanish at once) and joins as a pending node.
 ``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
 ``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
 
+Executor (``engine.py``, ``_hub.py``): the nodes of one run on one client share one
+``ctl/`` watch, one keep-alive thread and a bounded number of concurrent requests; the
+leader alone watches the whole prefix, from its own decision loop, and feeds each watch
+read to :meth:`Machine.step_batch` (one evaluation per batch). Transient etcd errors are
+retried (``Retry``); only a retry that gives up reaches the callers.
+
 Costs: each node writes O(1) keys per round (its node key, perhaps one leader-create
 txn); nobody rewrites anyone else's state. Only the leader watches ``nodes/``
 (O(N) events per round); everyone else watches ``ctl/`` (O(1) events per round), so
@@ -71,7 +79,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from etcd_rendezvous.rendezvous._records import NodeRecord, RoundRecord, StatusRecord
@@ -393,6 +401,10 @@ class View:
 
 def derive_view(round_: RoundRecord | None, nodes: Mapping[str, NodeEntry]) -> View:
     """Classify the live nodes against the last committed round."""
+    return _derive_view(round_, nodes)
+
+
+def _derive_view(round_: RoundRecord | None, nodes: Mapping[str, NodeEntry]) -> View:
     number = round_.round if round_ is not None else 0
     members = round_.members if round_ is not None else ()
     prev_rank = {m: r for r, m in enumerate(members)}
@@ -439,10 +451,21 @@ def _is_leader(cfg: Config, state: State) -> bool:
     return state.leader == cfg.node_id and state.nodes is not None
 
 
+_last_view: list[tuple[RoundRecord | None, Mapping[str, NodeEntry], View]] = []
+
+
 def _view(cfg: Config, state: State) -> View | None:
+    """The leader's view. O(N log N), and asked for several times per event: the last
+    one is kept, keyed on the identity of its inputs (a state's table is never mutated:
+    every change makes a new one)."""
     if not _is_leader(cfg, state) or state.nodes is None:
         return None
-    return derive_view(state.round, state.nodes)
+    cached = _last_view[0] if _last_view else None
+    if cached is not None and cached[0] is state.round and cached[1] is state.nodes:
+        return cached[2]
+    view = derive_view(state.round, state.nodes)
+    _last_view[:] = [(state.round, state.nodes, view)]
+    return view
 
 
 def _round_full(cfg: Config, state: State) -> bool:
@@ -858,6 +881,53 @@ class Machine:
             if not duties and state == before:
                 break
         return state, actions
+
+    def step_batch(
+        self, state: State, events: Sequence[Event], now: float
+    ) -> tuple[State, list[Action]]:
+        """Apply several events (what one watch read delivered), evaluating once at the end.
+
+        Equivalent to :meth:`step` per event except that the leader's duties are decided
+        on the final knowledge only, and a run of node events costs one copy of the node
+        table instead of one per event: the leader's work per batch is O(N), not O(N^2).
+        """
+        if len(events) == 1:
+            return self.step(state, events[0], now)
+        actions: list[Action] = []
+        puts: dict[str, NodeEntry | None] = {}
+        for event in events:
+            if isinstance(event, NodePut | NodeDeleted) and state.nodes is not None:
+                row = self._row(state, event, now)  # node rows never look at the table
+                self.fired.add(row.name)
+                state, more = row.effect(self.config, state, event, now)
+                actions.extend(more)
+                puts[event.node_id] = event.entry if isinstance(event, NodePut) else None
+                continue
+            state = self._merge(state, puts)
+            if isinstance(event, Snapshot):
+                state, more = self._snapshot(state, event, now)
+            else:
+                state, more = self._apply(state, event, now)
+            actions.extend(more)
+        state = self._merge(state, puts)
+        state, more = self.step(state, Evaluate(), now)
+        actions.extend(more)
+        return state, actions
+
+    @staticmethod
+    def _merge(state: State, puts: dict[str, NodeEntry | None]) -> State:
+        """Apply the node events collected in ``puts`` (and empty it)."""
+        if not puts or state.nodes is None:
+            puts.clear()
+            return state
+        nodes = dict(state.nodes)
+        for node_id, entry in puts.items():
+            if entry is None:
+                nodes.pop(node_id, None)
+            else:
+                nodes[node_id] = entry
+        puts.clear()
+        return replace(state, nodes=nodes)
 
     def _apply(self, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         if isinstance(event, RoundCommitted) and event.revision <= state.round_revision:

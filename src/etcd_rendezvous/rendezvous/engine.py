@@ -21,9 +21,24 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from types import TracebackType
+from typing import Any, TypeVar
 
-from etcd_rendezvous.client import Compare, EtcdClient, Lease, Op, Watch
-from etcd_rendezvous.errors import EtcdClientError, EtcdLeaseNotFoundError
+from etcd_rendezvous.client import (
+    Compare,
+    EtcdClient,
+    Lease,
+    Op,
+    RangeResponse,
+    Retry,
+    TxnResponse,
+    Watch,
+)
+from etcd_rendezvous.errors import (
+    EtcdClientError,
+    EtcdLeaseNotFoundError,
+    EtcdTimeoutError,
+    EtcdUnavailableError,
+)
 from etcd_rendezvous.rendezvous import _machine as m
 from etcd_rendezvous.rendezvous._errors import (
     RendezvousClosedError,
@@ -32,6 +47,7 @@ from etcd_rendezvous.rendezvous._errors import (
     RendezvousLeftError,
     RendezvousTimeoutError,
 )
+from etcd_rendezvous.rendezvous._hub import Batch, Hub, hub_for
 from etcd_rendezvous.rendezvous._machine import Assignment, Change
 from etcd_rendezvous.rendezvous._observe import key_event, snapshot
 from etcd_rendezvous.rendezvous._records import (
@@ -39,6 +55,7 @@ from etcd_rendezvous.rendezvous._records import (
     ClosedRecord,
     Keys,
     LeaderRecord,
+    NodeRecord,
     StatusRecord,
     check_node_id,
     check_run_id,
@@ -49,6 +66,7 @@ from etcd_rendezvous.rendezvous._records import (
 log = logging.getLogger(__name__)
 
 _ids = itertools.count()
+_T = TypeVar("_T")
 
 
 def default_node_id() -> str:
@@ -101,6 +119,7 @@ class Rendezvous:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         fast_quorum: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        retry: Retry | None = None,
     ) -> None:
         if join_timeout <= 0 or close_timeout <= 0:
             raise ValueError("join_timeout and close_timeout must be positive")
@@ -126,9 +145,16 @@ class Rendezvous:
         self._state = m.State()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._lease: Lease | None = None
-        self._watch: Watch | None = None
-        self._thread: threading.Thread | None = None
+        self._retry = retry if retry is not None else Retry(deadline=30.0, max_delay=1.0)
+        self._hub: Hub | None = None
+        self._active = False  # following etcd (between the first join and leave/stop)
+        self._floor = 0  # revision of our last snapshot: hub events up to it are known
+        self._rev = 0  # the newest revision fed to the machine
+        self._lease: Lease | None = None  # the node lease (kept alive by the hub's keeper)
+        self._leader_lease: Lease | None = None  # the leader key's (kept alive by _lead)
+        self._leader_refreshed = 0.0
+        self._watch: Watch | None = None  # while leading: the whole run prefix
+        self._thread: threading.Thread | None = None  # while leading: the decision loop
         self._stopping = threading.Event()
         self._result: Assignment | RendezvousError | None = None
         self._error: RendezvousError | None = None  # fatal: raised by every later call
@@ -175,7 +201,7 @@ class Rendezvous:
         """Nodes waiting for a new round while this one runs (torch's meaning)."""
         with self._lock:
             self._raise_fatal()
-            if self._thread is not None:
+            if self._active:
                 return m.num_nodes_waiting(self.config, self._state)
         status = self._read_status()
         return status.waiting if status is not None else 0
@@ -184,15 +210,15 @@ class Rendezvous:
         """True once any node closed the rendezvous."""
         with self._lock:
             self._raise_fatal()
-            if self._thread is not None:
+            if self._active:
                 return self._state.closed
-        return self._client.get(self.keys.closed) is not None
+        return self._etcd(self._client.get, self.keys.closed) is not None
 
     def close(self, timeout: float | None = None) -> None:
         """Close the rendezvous for everyone (the job is over); wait until it is seen."""
         deadline = self._clock() + (self.close_timeout if timeout is None else timeout)
         with self._cond:
-            if self._thread is None:
+            if not self._active:
                 self._put_closed()
                 return
             self._feed(m.Close())
@@ -210,7 +236,7 @@ class Rendezvous:
     def leave(self) -> None:
         """Withdraw this node (its key and any leadership go at once); idempotent."""
         with self._cond:
-            if self._thread is not None and self._state.phase is not m.Phase.LEFT:
+            if self._active and self._state.phase is not m.Phase.LEFT:
                 try:
                     self._feed(m.Leave())
                 except EtcdClientError as exc:
@@ -263,31 +289,30 @@ class Rendezvous:
             f"phase={self._state.phase.value} round={self._state.round_number}>"
         )
 
-    # --- the loop ---------------------------------------------------------------------
+    # --- starting and stopping ------------------------------------------------------------
 
     def _start(self) -> None:
-        """Grant a lease and start watching (first join, or after the lease was lost)."""
+        """Join the hub, grant a lease, read and follow the state (first join, or after a loss)."""
         if self._state.phase is m.Phase.LEFT:
             raise RendezvousLeftError(
                 f"node {self.node_id!r} left rendezvous {self.run_id!r}", run_id=self.run_id
             )
-        if self._lease is None or self._lease.is_lost:
-            self._lease = self._client.lease(self.lease_ttl, on_lost=self._on_lease_lost)
-        if self._thread is None:
-            self._stopping.clear()
-            self._resync(m.scope(self.config, self._state))
-            self._thread = threading.Thread(
-                target=self._run, name=f"rendezvous {self.run_id} {self.node_id}", daemon=True
-            )
-            self._thread.start()
+        try:
+            if self._hub is None:
+                self._hub = hub_for(self._client, self.keys, self._retry, self)
+            if not self._lease_ok():
+                self._new_lease()
+            if not self._active:
+                self._stopping.clear()
+                self._active = True
+                self._resync(m.scope(self.config, self._state))
+        except BaseException:
+            self._teardown()
+            raise
 
     def _stop(self) -> None:
         self._stopping.set()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        if self._lease is not None:
-            self._lease.close()
+        self._teardown()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             self._cond.release()
@@ -296,72 +321,242 @@ class Rendezvous:
             finally:
                 self._cond.acquire()
 
-    def _run(self) -> None:
+    def _teardown(self) -> None:
+        """Leave the hub, stop the private watch, stop keeping the leases alive (no revoke)."""
+        self._active = False
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        lease, self._lease = self._lease, None
+        hub, self._hub = self._hub, None
+        if lease is not None:
+            if hub is not None:
+                hub.keeper.remove(lease)
+            lease.close()
+        self._leader_lease = None
+        if hub is not None:
+            hub.unregister(self)
+
+    # --- leases -------------------------------------------------------------------------
+
+    def _lease_ok(self) -> bool:
+        return self._lease is not None and not self._lease.is_lost
+
+    def _new_lease(self) -> Lease:
+        lease = self._etcd(self._client.lease, self.lease_ttl, keep_alive=False)
+        self._lease = lease
+        if self._hub is not None:
+            self._hub.keeper.add(lease, lambda error: self._on_lease_lost(lease, error))
+        return lease
+
+    def _on_lease_lost(self, lease: Lease, error: EtcdClientError) -> None:
+        """The keeper could not refresh our node lease: our key is gone (or going)."""
+        with self._cond:
+            if self._lease is not lease or not self._active or self._stopping.is_set():
+                return
+            log.warning(
+                "node %s of rendezvous %s lost its lease: %s", self.node_id, self.run_id, error
+            )
+            self._lease = None
+            lease.close()
+            self._drop_leadership()
+            self._feed(m.LeaseLost())
+            self._cond.notify_all()
+        self._dispatch()
+
+    def _drop_leadership(self) -> None:
+        """Revoke the leader lease, so that the leader key (if ours) vanishes at once."""
+        lease, self._leader_lease = self._leader_lease, None
+        if lease is not None and self._state.leader == self.node_id:
+            try:
+                with self._slots():
+                    lease.revoke()
+            except EtcdClientError as exc:  # it expires by itself within its TTL
+                log.warning("node %s could not revoke its leader lease: %s", self.node_id, exc)
+
+    def _refresh_leadership(self) -> None:
+        """Keep the leader key alive; called from the decision loop only (see the module doc)."""
+        lease = self._leader_lease
+        if lease is None or self._state.leader != self.node_id:
+            return
+        now = self._clock()
+        if now < self._leader_refreshed + lease.ttl / 3.0:
+            return
+        try:
+            with self._slots():
+                lease.refresh()
+        except EtcdLeaseNotFoundError:
+            log.warning(
+                "node %s lost the leadership of rendezvous %s: its leader lease expired",
+                self.node_id,
+                self.run_id,
+            )
+            self._leader_lease = None  # the leader key is gone: the watch tells everyone
+        except EtcdClientError as exc:
+            log.warning("node %s could not refresh its leader lease: %s", self.node_id, exc)
+        else:
+            self._leader_refreshed = now
+
+    # --- etcd calls ------------------------------------------------------------------------
+
+    def _slots(self) -> contextlib.AbstractContextManager[object]:
+        return self._hub.io if self._hub is not None else contextlib.nullcontext()
+
+    def _etcd(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Call the client, retrying transient errors (unreachable, timeout) with ``retry``.
+
+        Every request the engine sends is safe to repeat: writes are guarded by a txn
+        compare, or put the same value again. The error surfaces once the retry gives up.
+        """
+        retry = self._retry.copy()
+        while True:
+            try:
+                with self._slots():
+                    return fn(*args, **kwargs)
+            except (EtcdUnavailableError, EtcdTimeoutError) as exc:
+                delay = retry.next_delay()
+                if delay is None or self._stopping.is_set():
+                    raise
+                log.warning(
+                    "rendezvous %s, node %s: %s; retrying in %.2fs",
+                    self.run_id,
+                    self.node_id,
+                    exc,
+                    delay,
+                )
+                self._stopping.wait(delay)
+
+    # --- following etcd ----------------------------------------------------------------------
+
+    def _take(self, batch: Batch) -> None:
+        """A batch of ``ctl/`` events from the hub (called from the hub's thread)."""
+        with self._cond:
+            if not self._active or self._stopping.is_set() or self._watch is not None:
+                return
+            events: list[m.Event] = []
+            newest = self._rev
+            try:
+                for revision, item in batch:
+                    if revision <= self._floor:
+                        continue  # already in our last snapshot
+                    if isinstance(item, RendezvousError):
+                        raise item
+                    events.append(item)
+                    newest = max(newest, revision)
+                if events:
+                    self._rev = newest
+                    self._feed_batch(events)
+            except RendezvousError as exc:
+                self._fatal_locked(exc)
+            except EtcdClientError as exc:
+                self._fatal_locked(self._connection_error(exc))
+            self._cond.notify_all()
+        self._dispatch()
+
+    def _hub_resync(self) -> None:
+        """The hub's watch was recreated: read ``ctl/`` again."""
+        with self._cond:
+            if not self._active or self._stopping.is_set() or self._watch is not None:
+                return
+            try:
+                self._resync(m.Scope.CONTROL)
+            except RendezvousError as exc:
+                self._fatal_locked(exc)
+            except EtcdClientError as exc:
+                self._fatal_locked(self._connection_error(exc))
+            self._cond.notify_all()
+        self._dispatch()
+
+    def _hub_failed(self, error: EtcdClientError) -> None:
+        with self._cond:
+            self._fatal_locked(self._connection_error(error))
+
+    def _lead(self, watch: Watch) -> None:
+        """The leader's decision loop, on its private watch of the whole run prefix."""
         try:
             while not self._stopping.is_set():
                 with self._lock:
-                    watch = self._watch
+                    if self._watch is not watch:
+                        return  # stepped down, or a newer watch (and loop) took over
                     deadline = m.next_deadline(self.config, self._state)
-                if watch is None:
-                    return
-                timeout = 1.0 if deadline is None else max(0.0, deadline - self._clock())
-                event = watch.next_event(timeout=min(timeout, 1.0))
+                    lease = self._leader_lease
+                now = self._clock()
+                wake = now + 1.0
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                if lease is not None:
+                    wake = min(wake, self._leader_refreshed + lease.ttl / 3.0)
+                try:
+                    events = self._read(watch, max(0.0, wake - now))
+                    failure: EtcdClientError | None = None
+                except EtcdClientError as exc:  # the watch gave up, or history was compacted
+                    events, failure = [], exc
                 with self._cond:
-                    if self._stopping.is_set():
-                        return
-                    if event is not None:
-                        self._on_watch_event(event.type, event.kv)
+                    if self._stopping.is_set() or self._watch is not watch:
+                        continue
+                    if failure is not None:
+                        log.warning(
+                            "leader watch of %s failed (%s); resyncing", self.run_id, failure
+                        )
+                        self._resync(m.Scope.ALL)
+                        continue
+                    self._refresh_leadership()
+                    if events:
+                        self._feed_batch(events)
                     elif deadline is not None and self._clock() >= deadline:
                         self._feed(m.Tick())
+                    if (
+                        self._watch is watch
+                        and m.scope(self.config, self._state) is m.Scope.CONTROL
+                    ):
+                        self._resync(m.Scope.CONTROL)
                     self._cond.notify_all()
                 self._dispatch()
         except RendezvousError as exc:
             self._fatal(exc)
         except EtcdClientError as exc:
-            self._fatal(
-                RendezvousError(
-                    f"rendezvous {self.run_id!r} lost its connection to etcd: {exc}",
-                    run_id=self.run_id,
-                )
+            self._fatal(self._connection_error(exc))
+
+    def _read(self, watch: Watch, timeout: float) -> list[m.Event]:
+        """Everything the private watch has ready, waiting up to ``timeout`` for the first."""
+        event = watch.next_event(timeout=timeout)
+        events: list[m.Event] = []
+        while event is not None:
+            kv = event.kv
+            decoded = key_event(
+                self.keys,
+                kv.key.decode("utf-8", "replace"),
+                kv.value if event.type == "PUT" else None,
+                create_revision=kv.create_revision,
+                mod_revision=kv.mod_revision,
             )
-            self._fatal_cause(exc)
+            self._rev = max(self._rev, kv.mod_revision)
+            if decoded is not None:
+                events.append(decoded)
+            event = watch.next_event(timeout=0)
+        return events
+
+    def _connection_error(self, exc: EtcdClientError) -> RendezvousError:
+        error = RendezvousError(
+            f"rendezvous {self.run_id!r} (node {self.node_id!r}) lost its connection to etcd: "
+            f"{exc}",
+            run_id=self.run_id,
+        )
+        error.__cause__ = exc
+        return error
 
     def _fatal(self, exc: RendezvousError) -> None:
-        log.error("rendezvous %s (node %s) stopped: %s", self.run_id, self.node_id, exc)
         with self._cond:
-            self._error = exc
-            self._cond.notify_all()
+            self._fatal_locked(exc)
 
-    def _fatal_cause(self, cause: BaseException) -> None:
-        if self._error is not None:
-            self._error.__cause__ = cause
+    def _fatal_locked(self, exc: RendezvousError) -> None:
+        log.error("rendezvous %s (node %s) stopped: %s", self.run_id, self.node_id, exc)
+        self._error = exc
+        self._cond.notify_all()
 
     def _raise_fatal(self) -> None:
         if self._error is not None:
             raise self._error
-
-    def _on_lease_lost(self, error: EtcdClientError) -> None:
-        with self._cond:
-            if self._thread is not None and not self._stopping.is_set():
-                self._feed(m.LeaseLost())
-                self._cond.notify_all()
-        self._dispatch()
-
-    def _on_watch_event(self, kind: str, kv: object) -> None:
-        from etcd_rendezvous.client import KeyValue
-
-        if not isinstance(kv, KeyValue):  # pragma: no cover - the client's contract
-            raise TypeError(kv)
-        key = kv.key.decode("utf-8", "replace")
-        event = key_event(
-            self.keys,
-            key,
-            kv.value if kind == "PUT" else None,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
-        )
-        if event is not None:
-            self._feed(event)
 
     # --- feeding the machine and doing what it says ------------------------------------
 
@@ -371,37 +566,41 @@ class Rendezvous:
         for action in actions:
             self._do(action)
 
+    def _feed_batch(self, events: list[m.Event]) -> None:
+        self._state, actions = self._machine.step_batch(self._state, events, self._clock())
+        for action in actions:
+            self._do(action)
+
     def _do(self, action: m.Action) -> None:
         client, keys = self._client, self.keys
-        lease_id = self._lease.id if self._lease is not None else None
         if isinstance(action, m.PutNode):
             self._put_node(action)
         elif isinstance(action, m.DeleteNode):
-            if lease_id is not None:
-                client.txn(
-                    [Compare.lease(keys.node(self.node_id), "==", lease_id)],
+            if self._lease is not None:
+                self._etcd(
+                    client.txn,
+                    [Compare.lease(keys.node(self.node_id), "==", self._lease.id)],
                     [Op.delete(keys.node(self.node_id))],
                 )
         elif isinstance(action, m.RevokeLease):
+            self._drop_leadership()
             lease, self._lease = self._lease, None
             if lease is not None:
-                lease.revoke()
+                if self._hub is not None:
+                    self._hub.keeper.remove(lease)
+                with contextlib.suppress(EtcdLeaseNotFoundError):
+                    self._etcd(lease.revoke)
         elif isinstance(action, m.AcquireLeadership):
-            if lease_id is not None and not self._stopping.is_set():
-                won = client.txn(
-                    [Compare.create_revision(keys.leader, "==", 0)],
-                    [Op.put(keys.leader, encode(LeaderRecord(self.node_id)), lease=lease_id)],
-                ).succeeded
-                if won:
-                    log.info("node %s leads rendezvous %s", self.node_id, self.run_id)
+            self._acquire()
         elif isinstance(action, m.Resync):
             self._resync(action.scope)
         elif isinstance(action, m.CommitRound):
-            self._commit(action, lease_id)
+            self._commit(action)
         elif isinstance(action, m.PublishStatus):
-            if lease_id is not None:
-                client.txn(
-                    [Compare.lease(keys.leader, "==", lease_id)],
+            if self._leader_lease is not None:
+                self._etcd(
+                    client.txn,
+                    [Compare.lease(keys.leader, "==", self._leader_lease.id)],
                     [Op.put(keys.status, encode(action.record))],
                 )
         elif isinstance(action, m.PutClosed):
@@ -427,33 +626,81 @@ class Rendezvous:
             self._outbox.append(action.change)
         self._cond.notify_all()
 
-    def _put_node(self, action: m.PutNode) -> None:
-        if self._lease is None or self._lease.is_lost:
-            self._lease = self._client.lease(self.lease_ttl, on_lost=self._on_lease_lost)
-        key = self.keys.node(self.node_id)
-        current = self._client.get(key)
-        if current is not None and current.lease not in (0, self._lease.id):
-            # The same node id under another lease: our previous incarnation (a restart).
-            # Revoke it so that its key and any leadership vanish now, not at expiry.
-            log.warning(
-                "node %s restarted: revoking its previous lease %x", self.node_id, current.lease
-            )
-            with contextlib.suppress(EtcdLeaseNotFoundError):
-                self._client.lease_revoke(current.lease)
-        self._client.put(key, encode(action.record), lease=self._lease.id)
-
-    def _commit(self, action: m.CommitRound, lease_id: int | None) -> None:
-        keys = self.keys
-        if lease_id is None:
+    def _acquire(self) -> None:
+        """Try to create the leader key, attached to a leader lease of its own."""
+        if not self._lease_ok() or self._stopping.is_set():
             return
+        hub = self._hub
+        if hub is not None and hub.leader_known_after(self._rev):
+            return  # another node of this process already filled the vacancy we saw
+        lease = self._leader_lease
+        if lease is None or lease.is_lost or lease.remaining < lease.ttl / 2.0:
+            lease = self._etcd(self._client.lease, self.lease_ttl, keep_alive=False)
+            lease.close()  # no keep-alive thread: the decision loop refreshes it
+            self._leader_lease = lease
+        self._leader_refreshed = self._clock()
+        keys = self.keys
+        response = self._etcd(
+            self._client.txn,
+            [Compare.create_revision(keys.leader, "==", 0)],
+            [Op.put(keys.leader, encode(LeaderRecord(self.node_id)), lease=lease.id)],
+        )
+        if response.succeeded:
+            if hub is not None:
+                hub.leader_created(response.revision)
+            log.info("node %s leads rendezvous %s", self.node_id, self.run_id)
+
+    def _put_node(self, action: m.PutNode) -> None:
+        lease = self._lease if self._lease is not None and self._lease_ok() else self._new_lease()
+        key = self.keys.node(self.node_id)
+        try:
+            response = self._put_node_txn(key, action.record, lease.id)
+        except EtcdLeaseNotFoundError:
+            # Expired before the keeper noticed (e.g. this process was paused past the
+            # TTL): our key is gone with it; join with a new lease.
+            log.warning("node %s: lease %x expired; joining with a new one", self.node_id, lease.id)
+            if self._hub is not None:
+                self._hub.keeper.remove(lease)
+            lease.close()
+            lease = self._new_lease()
+            response = self._put_node_txn(key, action.record, lease.id)
+        lease_id = lease.id
+        inner = response.responses[0] if response.responses else None
+        if response.succeeded or (isinstance(inner, TxnResponse) and inner.succeeded):
+            return
+        held = inner.responses[0] if isinstance(inner, TxnResponse) and inner.responses else None
+        old = held.kvs[0].lease if isinstance(held, RangeResponse) and held.kvs else 0
+        if old:
+            # The same node id under another lease: our previous incarnation (a restart).
+            # Revoke it so that its key vanishes now, not at expiry.
+            log.warning("node %s restarted: revoking its previous lease %x", self.node_id, old)
+            with contextlib.suppress(EtcdLeaseNotFoundError):
+                self._etcd(self._client.lease_revoke, old)
+        self._etcd(self._client.put, key, encode(action.record), lease=lease_id)
+
+    def _put_node_txn(self, key: str, record: NodeRecord, lease_id: int) -> TxnResponse:
+        """Put our key if it is ours or absent (one request for a first join or a rejoin)."""
+        put = Op.put(key, encode(record), lease=lease_id)
+        return self._etcd(
+            self._client.txn,
+            [Compare.lease(key, "==", lease_id)],
+            [put],
+            [Op.txn([Compare.create_revision(key, "==", 0)], [put], [Op.get(key)])],
+        )
+
+    def _commit(self, action: m.CommitRound) -> None:
+        keys = self.keys
+        if self._leader_lease is None:
+            return  # our leadership expired: the watch will say who leads now
         record = dataclasses.replace(action.record, time=_utc_now())
         guard = (
             Compare.create_revision(keys.round, "==", 0)
             if action.prev_revision == 0
             else Compare.mod_revision(keys.round, "==", action.prev_revision)
         )
-        response = self._client.txn(
-            [guard, Compare.lease(keys.leader, "==", lease_id)],
+        response = self._etcd(
+            self._client.txn,
+            [guard, Compare.lease(keys.leader, "==", self._leader_lease.id)],
             [Op.put(keys.round, encode(record))],
         )
         if response.succeeded:
@@ -470,31 +717,70 @@ class Rendezvous:
             self._resync(m.scope(self.config, self._state))
 
     def _put_closed(self) -> None:
-        self._client.txn(
+        self._etcd(
+            self._client.txn,
             [Compare.create_revision(self.keys.closed, "==", 0)],
             [Op.put(self.keys.closed, encode(ClosedRecord(self.node_id, _utc_now())))],
         )
 
     def _resync(self, scope: m.Scope) -> None:
-        """Read everything in ``scope`` at one revision, then watch from the next one."""
-        prefix = self.keys.root if scope is m.Scope.ALL else self.keys.ctl
-        response = self._client.range(prefix, prefix=True)
+        """Read everything in ``scope`` at one revision, then follow it from the next one.
+
+        CONTROL: the hub's shared ``ctl/`` watch feeds us (events up to the read's revision
+        are skipped). ALL (we lead): a private watch of the whole run prefix, read by our
+        own decision loop.
+        """
+        hub = self._hub
+        if scope is m.Scope.CONTROL:
+            old, self._watch = self._watch, None
+            if old is not None:
+                old.cancel()  # its loop ends by itself
+            if hub is not None:
+                hub.attach(self)  # before the read, so nothing after it is missed
+            prefix = self.keys.ctl
+        else:
+            if hub is not None:
+                hub.detach(self)
+            prefix = self.keys.root
+        response = self._etcd(self._client.range, prefix, prefix=True)
         kvs = [
             (kv.key.decode("utf-8", "replace"), kv.value, kv.create_revision, kv.mod_revision)
             for kv in response.kvs
         ]
         snap = snapshot(self.keys, response.revision, kvs, with_nodes=scope is m.Scope.ALL)
-        old, self._watch = self._watch, None
-        if old is not None:
-            old.cancel()
-        if not self._stopping.is_set():
-            self._watch = self._client.watch(
-                prefix, prefix=True, start_revision=response.revision + 1
+        self._floor = self._rev = response.revision
+        if scope is m.Scope.ALL:
+            stale = next(
+                (kv.lease for kv in response.kvs if kv.key == self.keys.leader.encode()), 0
             )
+            mine = self._leader_lease.id if self._leader_lease is not None else 0
+            if snap.leader == self.node_id and stale not in (0, mine):
+                # Our previous incarnation (same node id, before a restart) still leads.
+                log.warning(
+                    "node %s restarted: revoking its previous leader lease %x", self.node_id, stale
+                )
+                with contextlib.suppress(EtcdLeaseNotFoundError):
+                    self._etcd(self._client.lease_revoke, stale)
+                self._resync(m.Scope.CONTROL)
+                return
+            if not self._stopping.is_set():
+                watch = self._etcd(
+                    self._client.watch, prefix, prefix=True, start_revision=response.revision + 1
+                )
+                old, self._watch = self._watch, watch
+                if old is not None:
+                    old.cancel()
+                self._thread = threading.Thread(
+                    target=self._lead,
+                    args=(watch,),
+                    name=f"rendezvous {self.run_id} {self.node_id}",
+                    daemon=True,
+                )
+                self._thread.start()
         self._feed(snap)
 
     def _read_status(self) -> StatusRecord | None:
-        kv = self._client.get(self.keys.status)
+        kv = self._etcd(self._client.get, self.keys.status)
         if kv is None:
             return None
         return decode_as(StatusRecord, kv.value, key=self.keys.status, run_id=self.run_id)

@@ -1,0 +1,308 @@
+"""What the nodes of one run in one process share: a ``ctl/`` watch, lease keep-alives, I/O slots.
+
+N :class:`~etcd_rendezvous.rendezvous.engine.Rendezvous` objects of the same run on the
+same :class:`EtcdClient` (N simulated nodes, or a process hosting several agents) would
+otherwise hold N watch streams, N reader threads, N keep-alive threads and N loop
+threads, and open far more concurrent requests than the client's connection pool keeps
+(every extra one is a connection opened and thrown away). A :class:`Hub` has instead:
+
+* one watch on the run's ``ctl/`` prefix and one thread that reads it in batches and
+  hands every batch to each attached node (the leader is detached: it watches the whole
+  run prefix itself, see ``engine.py``);
+* one keep-alive thread for every node lease (:class:`LeaseKeeper`);
+* a semaphore bounding concurrent etcd requests to the size of the connection pool;
+* what it learned of the leader key, so that N nodes seeing a vacancy send one
+  leader-create txn, not N.
+
+Hubs are found by :func:`hub_for` and stop when their last node unregisters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from etcd_rendezvous.client import EtcdClient, Lease, Retry, Watch
+from etcd_rendezvous.errors import (
+    EtcdClientError,
+    EtcdLeaseLostError,
+    EtcdLeaseNotFoundError,
+)
+from etcd_rendezvous.rendezvous._errors import RendezvousError
+from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
+from etcd_rendezvous.rendezvous._observe import key_event
+from etcd_rendezvous.rendezvous._records import Keys
+
+if TYPE_CHECKING:
+    from etcd_rendezvous.rendezvous.engine import Rendezvous
+
+log = logging.getLogger(__name__)
+
+IO_SLOTS = 16
+"""Concurrent etcd requests per hub: the client's connection pool keeps 16 connections."""
+
+Batch = list[tuple[int, Event | RendezvousError]]
+"""(revision, machine event or the decoding error) in watch order."""
+
+
+@dataclass
+class _Kept:
+    lease: Lease
+    on_lost: Callable[[EtcdClientError], None]
+    due: float
+
+
+class LeaseKeeper:
+    """One thread refreshing many leases, each every ``ttl / 3`` seconds.
+
+    A lease that etcd no longer knows, or that no refresh reached for a whole TTL, is
+    reported once through its ``on_lost`` callback and dropped.
+    """
+
+    def __init__(self, io: threading.BoundedSemaphore, name: str) -> None:
+        self._io = io
+        self._leases: dict[int, _Kept] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"keep-alive {name}", daemon=True)
+        self._thread.start()
+
+    def add(self, lease: Lease, on_lost: Callable[[EtcdClientError], None]) -> None:
+        with self._wake:
+            self._leases[lease.id] = _Kept(lease, on_lost, time.monotonic() + lease.ttl / 3.0)
+            self._wake.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.id, None)
+
+    def stop(self) -> None:
+        """Stop the thread (not joined: it may be calling a handler that waits for a lock)."""
+        with self._wake:
+            self._stopped.set()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._stopped.is_set():
+                    return
+                now = time.monotonic()
+                due = [k for k in self._leases.values() if k.due <= now]
+                if not due:
+                    wake = min((k.due for k in self._leases.values()), default=now + 1.0)
+                    self._wake.wait(max(0.0, wake - now))
+                    continue
+            lost: list[tuple[_Kept, EtcdClientError]] = []
+            for kept in due:
+                if self._stopped.is_set():
+                    return
+                error = self._refresh(kept)
+                if error is not None:
+                    lost.append((kept, error))
+            for kept, error in lost:
+                self.remove(kept.lease)
+                try:
+                    kept.on_lost(error)
+                except Exception:
+                    log.exception("lease-lost handler of lease %x failed", kept.lease.id)
+
+    def _refresh(self, kept: _Kept) -> EtcdClientError | None:
+        lease = kept.lease
+        try:
+            with self._io:
+                lease.refresh()
+        except EtcdLeaseNotFoundError as exc:
+            return exc
+        except EtcdClientError as exc:
+            left = lease.remaining
+            if left <= 0:
+                lost = EtcdLeaseLostError(
+                    f"lease {lease.id:x} lost: no keep-alive reached etcd for {lease.ttl}s "
+                    f"(last error: {exc})",
+                    endpoint=exc.endpoint,
+                )
+                lost.__cause__ = exc
+                return lost
+            log.warning("keep-alive of lease %x failed (%s); %.1fs left", lease.id, exc, left)
+            kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
+            return None
+        kept.due = time.monotonic() + lease.ttl / 3.0
+        return None
+
+
+class Hub:
+    """The shared watch, keep-alive and I/O slots of one run on one client (see module doc)."""
+
+    def __init__(self, client: EtcdClient, keys: Keys, retry: Retry) -> None:
+        self.client = client
+        self.keys = keys
+        self.io = threading.BoundedSemaphore(IO_SLOTS)
+        self.keeper = LeaseKeeper(self.io, keys.run_id)
+        self._retry = retry
+        self._lock = threading.Lock()
+        self._registered: set[Rendezvous] = set()
+        self._attached: list[Rendezvous] = []
+        self._leader_put = 0  # revision of the newest leader-key PUT this process knows of
+        self._stopping = threading.Event()
+        self._watch: Watch | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- membership ------------------------------------------------------------------
+
+    def _register(self, node: Rendezvous) -> None:
+        """Count ``node`` in (under ``_hubs_lock``); the first one starts the watch."""
+        with self._lock:
+            if self._thread is None:
+                self._watch = self._open_watch()  # before any node reads: nothing is missed
+                self._thread = threading.Thread(
+                    target=self._run, name=f"rendezvous-hub {self.keys.run_id}", daemon=True
+                )
+                self._thread.start()
+            self._registered.add(node)
+
+    def unregister(self, node: Rendezvous) -> None:
+        """Count ``node`` out; the last one stops the hub."""
+        with _hubs_lock, self._lock:
+            self._registered.discard(node)
+            if node in self._attached:
+                self._attached.remove(node)
+            if self._registered or self._stopping.is_set():
+                return
+            self._stopping.set()
+            watch, self._watch = self._watch, None
+            self._thread = None
+            if _hubs.get(_hub_key(self.client, self.keys)) is self:
+                del _hubs[_hub_key(self.client, self.keys)]
+        # Not joined: the caller may hold a node's lock that these threads are waiting
+        # for. Both end promptly on their own (the watch's queue ends, the keeper wakes).
+        if watch is not None:
+            watch.cancel()
+        self.keeper.stop()
+
+    def attach(self, node: Rendezvous) -> None:
+        """Deliver ``ctl/`` batches to ``node`` from now on (it filters by its own floor)."""
+        with self._lock:
+            if node not in self._attached:
+                self._attached.append(node)
+
+    def detach(self, node: Rendezvous) -> None:
+        with self._lock:
+            if node in self._attached:
+                self._attached.remove(node)
+
+    # --- the leader key ----------------------------------------------------------------
+
+    def leader_known_after(self, revision: int) -> bool:
+        """Has a leader been created after ``revision`` (so a vacancy seen then is over)?"""
+        return self._leader_put > revision
+
+    def leader_created(self, revision: int) -> None:
+        self._leader_put = max(self._leader_put, revision)
+
+    # --- the watch thread ----------------------------------------------------------------
+
+    def _open_watch(self, start_revision: int | None = None) -> Watch:
+        return self.client.watch(self.keys.ctl, prefix=True, start_revision=start_revision)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            watch = self._watch
+            if watch is None:
+                return
+            try:
+                batch = self._read(watch)
+            except EtcdClientError as exc:
+                if self._stopping.is_set():
+                    return
+                self._recover(exc)
+                continue
+            if not batch:
+                continue
+            with self._lock:
+                nodes = list(self._attached)
+            for node in nodes:
+                node._take(batch)
+
+    def _read(self, watch: Watch) -> Batch:
+        """Everything the watch has ready (waiting up to 1 s for the first event)."""
+        event = watch.next_event(timeout=1.0)
+        batch: Batch = []
+        while event is not None:
+            kv = event.kv
+            key = kv.key.decode("utf-8", "replace")
+            value = kv.value if event.type == "PUT" else None
+            try:
+                decoded = key_event(
+                    self.keys,
+                    key,
+                    value,
+                    create_revision=kv.create_revision,
+                    mod_revision=kv.mod_revision,
+                )
+            except RendezvousError as exc:
+                batch.append((kv.mod_revision, exc))
+            else:
+                if decoded is not None:
+                    if isinstance(decoded, LeaderChanged) and decoded.holder is not None:
+                        self.leader_created(kv.mod_revision)
+                    batch.append((kv.mod_revision, decoded))
+            event = watch.next_event(timeout=0)
+        return batch
+
+    def _recover(self, error: EtcdClientError) -> None:
+        """The watch gave up (or history was compacted): watch again, every node resyncs."""
+        log.warning("rendezvous %s: watch on ctl/ failed (%s); resyncing", self.keys.run_id, error)
+        retry = self._retry.copy()
+        while not self._stopping.is_set():
+            try:
+                watch = self._open_watch()
+            except EtcdClientError as exc:
+                if not retry.sleep(self._stopping):
+                    with self._lock:
+                        nodes = list(self._registered)
+                    for node in nodes:
+                        node._hub_failed(exc)
+                    self._stopping.set()
+                    return
+                continue
+            with self._lock:
+                old, self._watch = self._watch, watch
+                nodes = list(self._attached)
+            if old is not None:
+                old.cancel()
+            for node in nodes:
+                node._hub_resync()
+            return
+
+
+_hubs: dict[tuple[int, str], Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def _hub_key(client: EtcdClient, keys: Keys) -> tuple[int, str]:
+    return (id(client), client.namespace.decode("utf-8", "replace") + keys.root)
+
+
+def hub_for(client: EtcdClient, keys: Keys, retry: Retry, node: Rendezvous) -> Hub:
+    """The hub of ``keys``'s run on ``client`` (created on first use), ``node`` counted in."""
+    with _hubs_lock:
+        hub = _hubs.get(_hub_key(client, keys))
+        if hub is None or hub._stopping.is_set():
+            hub = Hub(client, keys, retry)
+        try:
+            hub._register(node)
+        except BaseException:
+            if not hub._registered:
+                hub.keeper.stop()
+            raise
+        _hubs[_hub_key(client, keys)] = hub
+        return hub
+
+
+__all__ = ["IO_SLOTS", "Batch", "Hub", "LeaseKeeper", "hub_for"]

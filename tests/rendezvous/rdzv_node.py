@@ -1,0 +1,79 @@
+"""One rendezvous participant as a process, for the fault tests (test_faults.py).
+
+Usage: python rdzv_node.py ENDPOINTS RUN_ID NODE_ID MIN MAX LEASE_TTL
+
+Joins, prints its assignment as one JSON line, then re-joins whenever the membership
+changes (a member lost, a node waiting, a newer round, its own lease lost), printing
+every change and every new assignment. Runs until it is killed or the rendezvous closes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.rendezvous import ChangeKind, Rendezvous, RendezvousClosedError
+
+
+def say(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main() -> None:
+    endpoints, run_id, node_id, min_nodes, max_nodes, ttl = sys.argv[1:7]
+    client = EtcdClient(endpoints)
+    rdzv = Rendezvous(
+        client,
+        run_id,
+        int(min_nodes),
+        int(max_nodes),
+        node_id=node_id,
+        lease_ttl=int(ttl),
+        last_call_timeout=0.5,
+        join_timeout=60.0,
+        fast_quorum=True,
+    )
+    say(event="started", node=node_id)
+    try:
+        while True:
+            a = rdzv.join()
+            say(
+                event="assigned",
+                node=node_id,
+                round=a.round,
+                rank=a.rank,
+                world_size=a.world_size,
+                members=list(a.members),
+            )
+            while True:
+                change = rdzv.wait_for_change(60.0)
+                if change is None:
+                    continue
+                say(
+                    event="change",
+                    node=node_id,
+                    kind=change.kind.value,
+                    round=change.round,
+                    lost=list(change.lost),
+                    waiting=change.waiting,
+                )
+                if (
+                    change.kind is ChangeKind.LEASE_LOST
+                    or (
+                        change.kind is ChangeKind.MEMBERSHIP
+                        and change.round == a.round
+                        and bool(change.lost or change.waiting)
+                    )
+                    or (change.kind is ChangeKind.ROUND_COMMITTED and change.round > a.round)
+                ):
+                    break
+    except RendezvousClosedError:
+        say(event="closed", node=node_id)
+    finally:
+        rdzv.leave()
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
