@@ -7,7 +7,9 @@ import logging
 import click
 
 from etcd_rendezvous import __version__
+from etcd_rendezvous.cli.demo import demo
 from etcd_rendezvous.cli.doctor import doctor
+from etcd_rendezvous.cli.rdzv import rdzv
 from etcd_rendezvous.cli.serve import serve
 from etcd_rendezvous.cli.status import status
 
@@ -24,5 +26,7 @@ def main(verbose: int) -> None:
 main.add_command(serve)
 main.add_command(doctor)
 main.add_command(status)
+main.add_command(rdzv)
+main.add_command(demo)
 
 __all__ = ["main"]

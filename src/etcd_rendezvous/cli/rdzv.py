@@ -1,0 +1,464 @@
+"""``etcd-rendezvous rdzv``: inspect the native rendezvous (list, show, watch, close)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+
+from etcd_rendezvous.cli._inspect import (
+    EventTranslator,
+    RunEvent,
+    RunSnapshot,
+    UnknownRunError,
+    build_snapshot,
+    list_runs,
+    load_run,
+)
+from etcd_rendezvous.cli.status import _split_user
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.errors import EtcdRendezvousError
+from etcd_rendezvous.rendezvous import Rendezvous
+from etcd_rendezvous.rendezvous._records import (
+    DEFAULT_KEY_PREFIX,
+    ClosedRecord,
+    Keys,
+    check_run_id,
+    decode,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_WATCH_TICK_S = 0.5  # how often the watch loop wakes up to notice a closed stdout
+
+
+def connection_options(func: F) -> F:
+    """``--endpoints``, ``--key-prefix``, ``--timeout``, TLS and user, as in ``status``."""
+    options = [
+        click.option(
+            "--endpoints",
+            envvar="ETCD_ENDPOINTS",
+            required=True,
+            help="Comma-separated host:port list (default: $ETCD_ENDPOINTS).",
+        ),
+        click.option(
+            "--key-prefix",
+            default=DEFAULT_KEY_PREFIX,
+            show_default=True,
+            help="The prefix the rendezvous nodes use (Rendezvous(key_prefix=...)).",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(0.1, 300),
+            default=5.0,
+            show_default=True,
+            help="Seconds to wait for each request.",
+        ),
+        click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option(
+            "--user", default=None, help="user[:password]; password also from $ETCD_PASSWORD."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _client(
+    endpoints: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+) -> EtcdClient:
+    username, password = _split_user(user)
+    if not [e for e in endpoints.split(",") if e.strip()]:
+        raise click.BadParameter("no endpoint given", param_hint="--endpoints")
+    try:
+        return EtcdClient(
+            endpoints,
+            timeout=timeout,
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            username=username,
+            password=password,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Our errors become a one-line message and exit code 1, never a traceback."""
+    try:
+        yield
+    except EtcdRendezvousError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _run_id(value: str) -> str:
+    try:
+        return check_run_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="RUN_ID") from exc
+
+
+@click.group()
+def rdzv() -> None:
+    """Inspect and control the native rendezvous runs stored in etcd."""
+
+
+# --- list ---------------------------------------------------------------------------
+
+
+@rdzv.command("list")
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+def list_command(
+    endpoints: str,
+    key_prefix: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    as_json: bool,
+) -> None:
+    """List the run ids under the key prefix, with round, state and member count."""
+    with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
+        listing = list_runs(client, key_prefix)
+    if as_json:
+        click.echo(json.dumps([_summary(run) for run in listing.runs], indent=2))
+    elif not listing.runs:
+        click.echo(f"no rendezvous runs under {key_prefix!r}")
+    else:
+        click.echo(
+            f"{'RUN ID':<24} {'ROUND':>5}  {'STATE':<10} {'MEMBERS':>7} {'NODES':>5} "
+            f"{'WAITING':>7}  {'LEADER':<20} LAST ROUND"
+        )
+        for run in listing.runs:
+            s = _summary(run)
+            click.echo(
+                f"{run.run_id:<24} {s['round']:>5}  {s['state']:<10} {s['members']:>7} "
+                f"{s['nodes']:>5} {s['waiting']:>7}  {s['leader'] or '-':<20} "
+                f"{_ago(s['committed_at'])}"
+            )
+    for run in listing.runs:
+        for problem in run.problems:
+            click.echo(f"warning: run {run.run_id!r}: {problem.message}", err=True)
+    for stray in listing.stray_keys:
+        click.echo(f"warning: {stray!r} is not inside any run (foreign key?)", err=True)
+
+
+def _summary(run: RunSnapshot) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "round": run.round_number,
+        "state": run.state,
+        "members": len(run.members),
+        "participants": len(run.participants),
+        "nodes": len(run.nodes),
+        "waiting": len(run.by_role("waiting")),
+        "spares": len(run.by_role("spare")),
+        "lost": list(run.lost),
+        "leader": run.leader,
+        "committed_at": (run.round.time or None) if run.round is not None else None,
+        "problems": [{"key": p.key, "error": p.message} for p in run.problems],
+    }
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    if seconds < 120:
+        ago = f"{seconds:.1f} s ago"
+    elif seconds < 7200:
+        ago = f"{seconds / 60:.0f} min ago"
+    else:
+        ago = f"{seconds / 3600:.1f} h ago"
+    return f"{iso} ({ago})"
+
+
+# --- show -----------------------------------------------------------------------------
+
+
+@rdzv.command("show")
+@click.argument("run_id")
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show_command(
+    run_id: str,
+    endpoints: str,
+    key_prefix: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    as_json: bool,
+) -> None:
+    """Show one run: round, state, members with ranks and data, wait list, spares,
+    lost members and each node's remaining lease TTL.
+
+    Exits with 1 (after showing the rest) if a key under the run is not a valid record.
+    """
+    run_id = _run_id(run_id)
+    with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
+        snap = load_run(client, run_id, key_prefix)
+    if as_json:
+        click.echo(json.dumps(snap.to_json(), indent=2))
+    else:
+        _print_run(snap)
+    if snap.problems:
+        for problem in snap.problems:
+            click.echo(f"error: {problem.message}", err=True)
+        raise SystemExit(1)
+
+
+def _ttl(value: int | None) -> str:
+    if value is None:
+        return "?"
+    return "expired" if value < 0 else f"{value} s"
+
+
+def _data(data: Any) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(dict(data).items())) or "-"
+
+
+def _print_run(snap: RunSnapshot) -> None:
+    click.echo(f"rendezvous {snap.run_id}  (prefix {snap.key_prefix}, revision {snap.revision})")
+    click.echo(f"state:     {snap.state}")
+    if snap.round is None:
+        click.echo("round:     none committed yet")
+    else:
+        r = snap.round
+        click.echo(
+            f"round:     {r.round}, committed {_ago(r.time)} by {r.leader or '?'}: "
+            f"{r.reason or 'no reason given'}"
+        )
+    if snap.leader is not None:
+        click.echo(f"leader:    {snap.leader}")
+    else:
+        click.echo("leader:    none (the next node to act takes over)")
+    if snap.closed is not None:
+        click.echo(f"closed:    yes, by {snap.closed.by or '?'} at {snap.closed.time or '?'}")
+    if snap.round is not None:
+        click.echo(f"members:   {len(snap.members)} in round {snap.round.round}")
+        click.echo(f"  {'RANK':>4}  {'NODE':<28} {'STATE':<9} {'LEASE TTL':>9}  DATA")
+        for rank, node in enumerate(snap.members):
+            info = snap.nodes.get(node)
+            state = info.role if info is not None else "lost"
+            ttl = _ttl(info.ttl) if info is not None else "-"
+            data = snap.round.data.get(node, {})
+            click.echo(f"  {rank:>4}  {node:<28} {state:<9} {ttl:>9}  {_data(data)}")
+    for title, role in (
+        ("wait list", "waiting"),
+        ("spares", "spare"),
+        ("pending", "pending"),
+    ):
+        names = snap.by_role(role)
+        if role == "pending" and not names:
+            continue
+        click.echo(f"{title + ':':<10} {_nodes(snap, names)}")
+    click.echo(f"{'lost:':<10} {', '.join(snap.lost) or 'none'}")
+    if snap.status is not None:
+        st = snap.status
+        click.echo(
+            f"status:    round {st.round}: {st.participants} participating, {st.waiting} "
+            f"waiting, {st.spares} spares (published by {st.leader or '?'})"
+        )
+    if snap.problems:
+        click.echo("problems:")
+        for problem in snap.problems:
+            click.echo(f"  {problem.key}: {problem.message}")
+
+
+def _nodes(snap: RunSnapshot, names: tuple[str, ...]) -> str:
+    if not names:
+        return "none"
+    parts = []
+    for name in names:
+        info = snap.nodes[name]
+        extra = f"lease {_ttl(info.ttl)}"
+        if info.data:
+            extra += f", {_data(info.data)}"
+        parts.append(f"{name} ({extra})")
+    return ", ".join(parts)
+
+
+# --- watch ----------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """SIGTERM while watching: stop like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def format_event(event: RunEvent) -> str:
+    stamp = event.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
+    return f"{stamp}  {event.kind:<8} {event.message}"
+
+
+@rdzv.command("watch")
+@click.argument("run_id")
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines (one per event).")
+@click.option(
+    "--wait",
+    "wait_for_run",
+    is_flag=True,
+    help="Watch a run that has not started yet (no error when nothing exists).",
+)
+def watch_command(
+    run_id: str,
+    endpoints: str,
+    key_prefix: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    as_json: bool,
+    wait_for_run: bool,
+) -> None:
+    """Print the run's events as they happen (Ctrl-C to stop): nodes joined, rejoined,
+    left or lost, rounds committed with their cause, leader changes, closing.
+    """
+    run_id = _run_id(run_id)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
+            try:
+                snap = load_run(client, run_id, key_prefix, lease_ttls=False)
+            except UnknownRunError:
+                if not wait_for_run:
+                    raise
+                revision = client.range(Keys(run_id, key_prefix).root, count_only=True).revision
+                snap = build_snapshot(run_id, key_prefix, revision, [])
+            _watch(client, snap, as_json)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch(client: EtcdClient, snap: RunSnapshot, as_json: bool) -> None:
+    translator = EventTranslator(snap)
+    root = Keys(snap.run_id, snap.key_prefix).root
+    emit = _emitter(snap.run_id, as_json)
+    watch = client.watch(root, prefix=True, start_revision=snap.revision + 1)
+    try:
+        emit(_opening(snap))
+        for problem in snap.problems:
+            emit(RunEvent("problem", problem.message, snap.revision, details={"key": problem.key}))
+        while True:
+            event = watch.next_event(timeout=_WATCH_TICK_S)
+            if event is None:
+                continue
+            translated = translator.translate(event)
+            if translated is not None:
+                emit(translated)
+    except (KeyboardInterrupt, _Stop):
+        if not as_json:
+            click.echo("stopped", err=True)
+    finally:
+        watch.cancel()
+
+
+def _opening(snap: RunSnapshot) -> RunEvent:
+    if snap.num_keys == 0:
+        message = f"watching {snap.run_id!r} (not started yet) from revision {snap.revision + 1}"
+    else:
+        parts = [f"state {snap.state}", f"round {snap.round_number}"]
+        if snap.members:
+            parts.append(f"ranks {' '.join(f'{r}={n}' for r, n in enumerate(snap.members))}")
+        if snap.leader:
+            parts.append(f"leader {snap.leader}")
+        message = f"watching {snap.run_id!r} from revision {snap.revision + 1}: " + ", ".join(parts)
+    return RunEvent(
+        "snapshot",
+        message,
+        snap.revision,
+        round=snap.round_number,
+        details={"state": snap.state, "members": list(snap.members), "leader": snap.leader},
+    )
+
+
+def _emitter(run_id: str, as_json: bool) -> Callable[[RunEvent], None]:
+    def emit(event: RunEvent) -> None:
+        if as_json:
+            click.echo(json.dumps(event.to_json(run_id)))
+        else:
+            click.echo(format_event(event))
+
+    return emit
+
+
+# --- close ----------------------------------------------------------------------------
+
+
+def cli_node_id() -> str:
+    host = "".join(c if c.isalnum() or c in ".-" else "-" for c in socket.gethostname())
+    return f"cli@{host or 'host'}"
+
+
+@rdzv.command("close")
+@click.argument("run_id")
+@connection_options
+@click.option("--force", is_flag=True, help="Close even if nothing exists under the run yet.")
+def close_command(
+    run_id: str,
+    endpoints: str,
+    key_prefix: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    force: bool,
+) -> None:
+    """Close the rendezvous for everyone: the job is over, every later join fails.
+
+    Writes the engine's closed marker (``ctl/closed``), exactly as Rendezvous.close() does.
+    """
+    run_id = _run_id(run_id)
+    keys = Keys(run_id, key_prefix)
+    with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
+        if not force:
+            load_run(client, run_id, key_prefix, lease_ttls=False)  # UnknownRunError
+        existing = client.get(keys.closed)
+        if existing is not None:
+            record = decode(existing.value, key=keys.closed, run_id=run_id)
+            by = record.by if isinstance(record, ClosedRecord) else "?"
+            when = record.time if isinstance(record, ClosedRecord) else "?"
+            click.echo(f"rendezvous {run_id} was already closed by {by} at {when or '?'}")
+            return
+        close_rendezvous(client, run_id, key_prefix)
+    click.echo(f"closed rendezvous {run_id}: every node's join now fails (RendezvousClosedError)")
+
+
+def close_rendezvous(client: EtcdClient, run_id: str, key_prefix: str) -> None:
+    """Close ``run_id`` through the engine itself (it writes ``ctl/closed`` once, by a txn)."""
+    Rendezvous(client, run_id, 1, 1, node_id=cli_node_id(), key_prefix=key_prefix).close()
+
+
+__all__ = ["close_rendezvous", "format_event", "rdzv"]
