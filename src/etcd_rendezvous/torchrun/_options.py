@@ -1,0 +1,213 @@
+"""Parse and check ``--rdzv-endpoint`` and ``--rdzv-conf`` for the ``etcd-v3`` backend.
+
+Pure functions of torch's ``RendezvousParameters``: no I/O, so every mistake
+is reported (naming the option and the value) before any node waits.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from torch.distributed.elastic.rendezvous.api import RendezvousParameters
+
+from etcd_rendezvous.client import Endpoint, parse_endpoints
+from etcd_rendezvous.torchrun.backend import DEFAULT_KEY_PREFIX
+
+DEFAULT_PORT = 2379
+DEFAULT_READ_TIMEOUT = 60
+#: Per-request timeout cap: a member that stops answering is left after this.
+MAX_REQUEST_TIMEOUT = 10.0
+
+#: "localhost:0" means "host an etcd for this run": the port is derived from the
+#: run id (so every agent of the run on this machine agrees on it) in this range,
+#: below Linux's default ephemeral range.
+EMBEDDED_PORT_BASE = 20000
+EMBEDDED_PORT_SPAN = 12000
+
+_INT_OPTIONS = (
+    "read_timeout",
+    "join_timeout",
+    "last_call_timeout",
+    "close_timeout",
+    "heartbeat",
+    "heartbeat_timeout",
+    "keep_alive_interval",
+    "keep_alive_max_attempt",
+    "timeout",
+    "ttl",
+)
+_STR_OPTIONS = (
+    "protocol",
+    "ssl_cert",
+    "ssl_cert_key",
+    "ca_cert",
+    "username",
+    "password",
+    "key_prefix",
+)
+_BOOL_OPTIONS = ("embedded",)
+
+#: Every option ``--rdzv-conf`` may carry for ``etcd-v3``. ``timeout`` is added by
+#: torch's launcher itself (``--rdzv-timeout``, used by the legacy ``etcd``
+#: backend only) and is accepted and ignored; ``heartbeat_timeout`` is the
+#: name torch's ``create_handler`` actually reads for ``heartbeat``.
+KNOWN_OPTIONS = frozenset(_INT_OPTIONS + _STR_OPTIONS + _BOOL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class EtcdV3Options:
+    """The checked configuration of one ``etcd-v3`` rendezvous handler."""
+
+    endpoints: list[Endpoint]
+    #: The endpoint was left out, was ``localhost:0``, or is a single local one:
+    #: if no etcd answers there, this agent may host one (see ``_embedded``).
+    may_embed: bool
+    read_timeout: int
+    protocol: str
+    ssl_cert: str | None
+    ssl_cert_key: str | None
+    ca_cert: str | None
+    username: str | None
+    password: str | None
+    key_prefix: str
+    ttl: int | None
+    join_timeout: timedelta | None
+    last_call_timeout: timedelta | None
+    close_timeout: timedelta | None
+    heartbeat_timeout: timedelta | None
+    keep_alive_interval: int
+    keep_alive_max_attempt: int
+
+    @property
+    def request_timeout(self) -> float:
+        """Timeout of one etcd request (``read_timeout``, at most 10 s)."""
+        return float(min(self.read_timeout, MAX_REQUEST_TIMEOUT))
+
+    def endpoint_list(self) -> str:
+        return ",".join(ep.url for ep in self.endpoints)
+
+
+class OptionError(ValueError):
+    """A ``--rdzv-endpoint`` or ``--rdzv-conf`` value is wrong (the message names it)."""
+
+
+def _int(params: RendezvousParameters, key: str, *, minimum: int = 1) -> int | None:
+    value: Any = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise OptionError(f"--rdzv-conf {key}={value!r}: expected an integer")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise OptionError(
+            f"--rdzv-conf {key}={value!r}: expected an integer number of "
+            f"{'attempts' if key.endswith('attempt') else 'seconds'}"
+        ) from None
+    if number < minimum:
+        raise OptionError(f"--rdzv-conf {key}={value!r}: must be at least {minimum}")
+    return number
+
+
+def _str(params: RendezvousParameters, key: str) -> str | None:
+    value: Any = params.get(key)
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        raise OptionError(f"--rdzv-conf {key}: the value is empty")
+    return text
+
+
+def _seconds(value: int | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
+def embedded_port(run_id: str) -> int:
+    """The port ``localhost:0`` stands for: derived from the run id, the same on every agent."""
+    return EMBEDDED_PORT_BASE + zlib.crc32(run_id.encode("utf-8")) % EMBEDDED_PORT_SPAN
+
+
+def parse_options(params: RendezvousParameters) -> EtcdV3Options:
+    """Check every option of ``params``; raise :class:`OptionError` naming the first bad one."""
+    unknown = sorted(k for k in params.config if k not in KNOWN_OPTIONS and k != "rank")
+    if unknown:
+        raise OptionError(
+            f"--rdzv-conf: unknown option(s) {', '.join(unknown)} for --rdzv-backend=etcd-v3; "
+            f"known options: {', '.join(sorted(KNOWN_OPTIONS - {'timeout'}))}"
+        )
+    ints = {key: _int(params, key, minimum=1) for key in _INT_OPTIONS}
+    strs = {key: _str(params, key) for key in _STR_OPTIONS}
+    embedded = params.get_as_bool("embedded") if "embedded" in params.config else None
+
+    protocol = (strs["protocol"] or "http").lower()
+    if protocol not in ("http", "https"):
+        raise OptionError(f"--rdzv-conf protocol={strs['protocol']!r}: must be http or https")
+    if strs["ssl_cert_key"] and not strs["ssl_cert"]:
+        raise OptionError("--rdzv-conf ssl_cert_key is given without ssl_cert")
+    if (strs["username"] is None) != (strs["password"] is None):
+        raise OptionError("--rdzv-conf username and password must be given together")
+    key_prefix = strs["key_prefix"] or DEFAULT_KEY_PREFIX
+    if not key_prefix.startswith("/"):
+        raise OptionError(f"--rdzv-conf key_prefix={key_prefix!r}: must start with '/'")
+    if ints["heartbeat"] is not None and ints["heartbeat_timeout"] is not None:
+        raise OptionError("--rdzv-conf: give heartbeat or heartbeat_timeout, not both")
+
+    endpoints, may_embed = _parse_endpoint(params.endpoint, params.run_id, protocol)
+    if embedded is False:
+        may_embed = False
+
+    return EtcdV3Options(
+        endpoints=endpoints,
+        may_embed=may_embed,
+        read_timeout=ints["read_timeout"] or DEFAULT_READ_TIMEOUT,
+        protocol=protocol,
+        ssl_cert=strs["ssl_cert"],
+        ssl_cert_key=strs["ssl_cert_key"],
+        ca_cert=strs["ca_cert"],
+        username=strs["username"],
+        password=strs["password"],
+        key_prefix=key_prefix,
+        ttl=ints["ttl"],
+        join_timeout=_seconds(ints["join_timeout"]),
+        last_call_timeout=_seconds(ints["last_call_timeout"]),
+        close_timeout=_seconds(ints["close_timeout"]),
+        heartbeat_timeout=_seconds(ints["heartbeat"] or ints["heartbeat_timeout"]),
+        keep_alive_interval=ints["keep_alive_interval"] or 5,
+        keep_alive_max_attempt=ints["keep_alive_max_attempt"] or 3,
+    )
+
+
+def _parse_endpoint(
+    endpoint: str | None, run_id: str, protocol: str
+) -> tuple[list[Endpoint], bool]:
+    text = (endpoint or "").strip()
+    if not text:
+        return parse_endpoints(f"127.0.0.1:{DEFAULT_PORT}", default_scheme=protocol), True
+    try:
+        endpoints = parse_endpoints(text, default_scheme=protocol, default_port=DEFAULT_PORT)
+    except (ValueError, TypeError) as exc:
+        raise OptionError(f"--rdzv-endpoint {text!r}: {exc}") from exc
+    if not endpoints:
+        raise OptionError(f"--rdzv-endpoint {text!r}: no endpoint given")
+    if len(endpoints) > 1:
+        if any(ep.port == 0 for ep in endpoints):
+            raise OptionError(f"--rdzv-endpoint {text!r}: port 0 only works with one endpoint")
+        return endpoints, False
+    ep = endpoints[0]
+    if ep.port == 0:
+        ep = Endpoint(ep.scheme, ep.host, embedded_port(run_id))
+    return [ep], True
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "KNOWN_OPTIONS",
+    "EtcdV3Options",
+    "OptionError",
+    "embedded_port",
+    "parse_options",
+]

@@ -1,0 +1,178 @@
+"""The ``etcd-v3`` rendezvous for torchrun: ``torchrun --rdzv-backend=etcd-v3``.
+
+Registered through the ``torchrun.handlers`` entry-point group (see
+``pyproject.toml``). torch loads :func:`get_handler_creator` and registers what
+it returns, :func:`create_rdzv_handler`, under the name ``etcd-v3``.
+
+The handler is torch's own ``DynamicRendezvousHandler`` (same semantics as the
+``c10d`` and ``etcd-v2`` backends: min/max nodes, last call, wait list,
+heartbeats, close) on :class:`~etcd_rendezvous.torchrun.backend.EtcdRendezvousBackend`
+and :class:`~etcd_rendezvous.torchrun.store.EtcdStore`, both on etcd's v3 API.
+
+``--rdzv-endpoint``: ``host:port``, a comma-separated list of them (failover
+between members), IPv6 in brackets (``[::1]:2379``); empty, ``localhost:0``
+or a local address where no etcd answers selects the embedded default (see
+:mod:`etcd_rendezvous.torchrun._embedded`).
+
+``--rdzv-conf`` (``key=value,...``):
+
+=========================  =====================================================
+``read_timeout``           seconds a store ``get``/``wait`` waits (default 60);
+                           one etcd request times out after ``min(read_timeout, 10)``
+``protocol``               ``http`` (default) or ``https``
+``ssl_cert``               client certificate (PEM) for TLS
+``ssl_cert_key``           its private key
+``ca_cert``                CA bundle to verify etcd's certificate
+``username``, ``password`` etcd authentication
+``key_prefix``             where runs live (default ``/torch/elastic/rendezvous``)
+``ttl``                    seconds after the last write at which etcd drops a
+                           run's state (default 7200)
+``join_timeout``           torch's dynamic rendezvous options (seconds), same
+``last_call_timeout``      defaults as ``c10d``: 600, 30, 30, 5
+``close_timeout``
+``heartbeat``              (or ``heartbeat_timeout``, the name torch reads)
+``keep_alive_interval``    seconds between heartbeats (default 5)
+``keep_alive_max_attempt`` missed heartbeats before a node is dead (default 3)
+``embedded``               ``false`` to never host etcd in an agent
+=========================  =====================================================
+
+Any other option, a bad value or a bad endpoint raises ``ValueError`` naming
+it; an unreachable etcd raises ``RendezvousConnectionError``: both before the
+node joins (so before any other node waits for it).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousConnectionError,
+    RendezvousHandlerCreator,
+    RendezvousParameters,
+)
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    DynamicRendezvousHandler,
+    RendezvousTimeout,
+)
+
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.errors import EtcdClientError
+from etcd_rendezvous.torchrun import _embedded
+from etcd_rendezvous.torchrun._options import EtcdV3Options, OptionError, parse_options
+from etcd_rendezvous.torchrun.backend import BACKEND_NAME, EtcdRendezvousBackend, run_key_prefix
+from etcd_rendezvous.torchrun.store import EtcdStore
+
+log = logging.getLogger(__name__)
+
+#: How long a node waits for the agent hosting the embedded etcd to start it.
+EMBEDDED_START_TIMEOUT = 60.0
+
+
+def create_client(opts: EtcdV3Options) -> EtcdClient:
+    """An :class:`EtcdClient` for the options' endpoints, TLS and credentials."""
+    return EtcdClient(
+        [ep.url for ep in opts.endpoints],
+        timeout=opts.request_timeout,
+        ca_cert=opts.ca_cert,
+        cert=opts.ssl_cert,
+        key=opts.ssl_cert_key,
+        username=opts.username,
+        password=opts.password,
+    )
+
+
+def create_backend(
+    params: RendezvousParameters,
+) -> tuple[EtcdRendezvousBackend, EtcdStore, EtcdV3Options]:
+    """Check ``params``, connect (hosting etcd if needed), build the backend and the store.
+
+    Raises:
+        ValueError: a bad option, value or endpoint (:class:`OptionError`).
+        RendezvousConnectionError: no etcd answers (and none could be hosted).
+    """
+    try:
+        opts = parse_options(params)
+    except OptionError:
+        raise
+    except ValueError as exc:  # torch's own bool parsing
+        raise OptionError(str(exc)) from exc
+    if opts.keep_alive_max_attempt < 3:
+        # torch writes a heartbeat only when the last one is older than the interval, and
+        # its timer ticks once per interval: heartbeats can land 2 intervals apart.
+        log.warning(
+            "keep_alive_max_attempt=%d: torch's heartbeats can be 2 intervals apart, so "
+            "live nodes may be declared dead; use 3 or more",
+            opts.keep_alive_max_attempt,
+        )
+    # Build the timeouts now so a bad one fails before we touch the network.
+    RendezvousTimeout(
+        opts.join_timeout, opts.last_call_timeout, opts.close_timeout, opts.heartbeat_timeout
+    )
+
+    if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
+        endpoint = opts.endpoints[0]
+        if not _embedded.etcd_answers(endpoint, timeout=min(opts.request_timeout, 2.0)):
+            _embedded.ensure_local_etcd(endpoint, params.run_id, EMBEDDED_START_TIMEOUT)
+
+    client = create_client(opts)
+    try:
+        version = client.status().version
+    except EtcdClientError as exc:
+        client.close()
+        raise RendezvousConnectionError(
+            f"--rdzv-backend=etcd-v3: no etcd answers at --rdzv-endpoint "
+            f"{opts.endpoint_list()} ({exc}). Start etcd there, fix the endpoint, or leave "
+            "it out to host one in an agent on this machine."
+        ) from exc
+    log.info("etcd-v3 rendezvous %r on etcd %s at %s", params.run_id, version, opts.endpoint_list())
+
+    prefix = run_key_prefix(opts.key_prefix, params.run_id)
+    backend = EtcdRendezvousBackend(client, params.run_id, opts.key_prefix, ttl=opts.ttl)
+    store = EtcdStore(
+        client,
+        prefix + "store/",
+        timeout=timedelta(seconds=opts.read_timeout),
+        owns_client=True,
+    )
+    return backend, store, opts
+
+
+def create_rdzv_handler(params: RendezvousParameters) -> DynamicRendezvousHandler:
+    """The ``etcd-v3`` handler creator torch's registry calls with ``RendezvousParameters``."""
+    backend, store, opts = create_backend(params)
+    try:
+        handler: DynamicRendezvousHandler = DynamicRendezvousHandler.from_backend(
+            run_id=params.run_id,
+            store=store,
+            backend=backend,
+            min_nodes=params.min_nodes,
+            max_nodes=params.max_nodes,
+            local_addr=params.local_addr,
+            timeout=RendezvousTimeout(
+                opts.join_timeout,
+                opts.last_call_timeout,
+                opts.close_timeout,
+                opts.heartbeat_timeout,
+            ),
+            keep_alive_interval=opts.keep_alive_interval,
+            keep_alive_max_attempt=opts.keep_alive_max_attempt,
+        )
+    except BaseException:
+        store.close()
+        raise
+    return handler
+
+
+def get_handler_creator() -> RendezvousHandlerCreator:
+    """Entry point of the ``torchrun.handlers`` group: returns the handler creator."""
+    return create_rdzv_handler
+
+
+__all__ = [
+    "BACKEND_NAME",
+    "create_backend",
+    "create_client",
+    "create_rdzv_handler",
+    "get_handler_creator",
+]
