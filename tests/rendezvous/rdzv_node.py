@@ -1,16 +1,20 @@
 """One rendezvous participant as a process, for the fault tests (test_faults.py).
 
-Usage: python rdzv_node.py ENDPOINTS RUN_ID NODE_ID MIN MAX LEASE_TTL
+Usage: python rdzv_node.py ENDPOINTS RUN_ID NODE_ID MIN MAX [LAST_CALL]
 
-Joins, prints its assignment as one JSON line, then re-joins whenever the membership
-changes (a member lost, a node waiting, a newer round, its own lease lost), printing
-every change and every new assignment. Runs until it is killed or the rendezvous closes.
+Joins with the engine's defaults (lease TTL, keep-alive, fast quorum; last call 30 s
+unless given), prints its assignment as one JSON line, then re-joins whenever the
+membership changes (a member lost, a node waiting, a newer round, its own lease lost),
+printing every change and every new assignment. Runs until it is killed or the
+rendezvous closes; SIGTERM makes it leave cleanly.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import ChangeKind, Rendezvous, RendezvousClosedError
@@ -21,7 +25,9 @@ def say(**fields: object) -> None:
 
 
 def main() -> None:
-    endpoints, run_id, node_id, min_nodes, max_nodes, ttl = sys.argv[1:7]
+    endpoints, run_id, node_id, min_nodes, max_nodes = sys.argv[1:6]
+    last_call = float(sys.argv[6]) if len(sys.argv) > 6 else 30.0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     client = EtcdClient(endpoints)
     rdzv = Rendezvous(
         client,
@@ -29,10 +35,8 @@ def main() -> None:
         int(min_nodes),
         int(max_nodes),
         node_id=node_id,
-        lease_ttl=int(ttl),
-        last_call_timeout=0.5,
+        last_call_timeout=last_call,
         join_timeout=60.0,
-        fast_quorum=True,
     )
     say(event="started", node=node_id)
     try:
@@ -45,6 +49,9 @@ def main() -> None:
                 rank=a.rank,
                 world_size=a.world_size,
                 members=list(a.members),
+                causes=list(a.causes),
+                reason=a.reason,
+                t=time.time(),
             )
             while True:
                 change = rdzv.wait_for_change(60.0)
@@ -56,7 +63,9 @@ def main() -> None:
                     kind=change.kind.value,
                     round=change.round,
                     lost=list(change.lost),
+                    left=list(change.left),
                     waiting=change.waiting,
+                    t=time.time(),
                 )
                 if (
                     change.kind is ChangeKind.LEASE_LOST

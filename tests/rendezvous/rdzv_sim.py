@@ -46,6 +46,8 @@ class SimNode:
     lease: bool = False
     dead: bool = False
     started: bool = False
+    paused: bool = False  # SIGSTOPped: sees nothing, does nothing
+    lease_expired: bool = False  # its lease expired while paused (noticed after resuming)
     assignments: list[m.Assignment] = dataclasses.field(default_factory=list)
     failures: list[m.Failure] = dataclasses.field(default_factory=list)
     changes: list[m.Change] = dataclasses.field(default_factory=list)
@@ -59,7 +61,7 @@ class World:
         min_nodes: int,
         max_nodes: int,
         last_call_timeout: float = 1.0,
-        fast_quorum: bool = False,
+        fast_quorum: bool = True,
         join_timeout: float = 1000.0,
     ) -> None:
         self.keys = Keys("run")
@@ -135,6 +137,10 @@ class World:
             if keys.node(node.node_id) in self.store:
                 self._delete(keys.node(node.node_id))
         elif isinstance(action, m.RevokeLease):
+            key = keys.node(node.node_id)
+            stored = self.store.get(key)
+            if action.farewell is not None and stored is not None and stored.owner == node.node_id:
+                self._put(key, encode(action.farewell), node.node_id)
             self._revoke(node)
         elif isinstance(action, m.AcquireLeadership):
             if node.lease and keys.leader not in self.store:
@@ -188,6 +194,13 @@ class World:
         members = record.members
         if len(set(members)) != len(members):
             raise InvariantError(f"duplicate members in {members}")
+        for member in members:
+            # never a node that a restart replaced, or one paused past its TTL that the
+            # leader already saw go (a key deleted since the leader's last read can be:
+            # a join timeout or a leave racing the commit, and is then lost at once)
+            node = self.nodes.get(member)
+            if node is not None and node.lease_expired:
+                raise InvariantError(f"round {number} admits {member}, paused and expired")
         if not self.min_nodes <= len(members) <= self.max_nodes:
             raise InvariantError(f"world size {len(members)} outside [min, max]")
         previous = self.commits.get(number - 1)
@@ -261,7 +274,7 @@ class World:
     def deliver(self, node_id: str) -> bool:
         """Deliver the next watch event to ``node_id``; False when it has none."""
         node = self.nodes[node_id]
-        if node.dead or not node.started:
+        if node.dead or not node.started or node.paused:
             return False
         while node.cursor < len(self.log):
             _rev, key, kv = self.log[node.cursor]
@@ -283,7 +296,7 @@ class World:
     def advance(self, dt: float) -> None:
         self.now += dt
         for node in self.nodes.values():
-            if node.started and not node.dead:
+            if node.started and not node.dead and not node.paused:
                 deadline = m.next_deadline(node.machine.config, node.state)
                 if deadline is not None and deadline <= self.now:
                     self.feed(node, m.Tick())
@@ -302,6 +315,45 @@ class World:
         self._revoke(node)
         self.feed(node, m.LeaseLost())
 
+    def pause(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.started and not node.dead:
+            node.paused = True
+
+    def expire_paused(self, node_id: str) -> None:
+        """The paused node's lease runs out: its keys vanish; it does not know yet."""
+        node = self.nodes[node_id]
+        if node.paused and node.lease:
+            self._revoke(node)
+            node.lease_expired = True
+
+    def resume(self, node_id: str) -> None:
+        """SIGCONT: the node first acts on what its watch queued (stale, maybe), then its
+        keep-alive finds the lease gone."""
+        node = self.nodes[node_id]
+        if not node.paused:
+            return
+        node.paused = False
+        while self.deliver(node_id):
+            pass
+        if node.lease_expired:
+            node.lease_expired = False
+            self.feed(node, m.LeaseLost())
+
+    def restart(self, node_id: str) -> None:
+        """The process restarts under the same node id: the new incarnation revokes the
+        old lease (as the engine does on finding its key under another lease), starts
+        from nothing and joins."""
+        node = self.nodes[node_id]
+        if not node.started or node.dead:
+            return
+        self._revoke(node)
+        node.state = m.State()
+        node.paused = node.lease_expired = False
+        node.started = False
+        node.scope = m.Scope.CONTROL
+        self.start(node_id)
+
     def leave(self, node_id: str) -> None:
         node = self.nodes[node_id]
         if node.started and not node.dead:
@@ -313,7 +365,7 @@ class World:
             self.feed(node, m.Close())
 
     def live(self) -> list[SimNode]:
-        return [n for n in self.nodes.values() if n.started and not n.dead]
+        return [n for n in self.nodes.values() if n.started and not n.dead and not n.paused]
 
     def settle(self, *, agents: bool = True, max_steps: int = 20000) -> None:
         """Deliver everything and let time pass until nothing more happens.

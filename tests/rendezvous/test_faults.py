@@ -21,19 +21,27 @@ from typing import Any
 import pytest
 
 from etcd_rendezvous.client import EtcdClient
-from etcd_rendezvous.rendezvous import Assignment, Rendezvous
+from etcd_rendezvous.rendezvous import DEFAULT_LEASE_TTL, Assignment, Rendezvous
 from etcd_rendezvous.rendezvous._records import Keys
 from etcd_rendezvous.server import EtcdCluster, EtcdServer
 
 NODE_SCRIPT = str(Path(__file__).with_name("rdzv_node.py"))
-TTL = 2  # lease TTL of the participant processes
+TTL = DEFAULT_LEASE_TTL  # the participant processes run with the engine's defaults
 Line = dict[str, Any]
 
 
 class Node:
     """A participant process and the JSON lines it printed."""
 
-    def __init__(self, endpoints: str, run_id: str, node_id: str, min_n: int, max_n: int) -> None:
+    def __init__(
+        self,
+        endpoints: str,
+        run_id: str,
+        node_id: str,
+        min_n: int,
+        max_n: int,
+        last_call: float = 30.0,
+    ) -> None:
         self.node_id = node_id
         self.proc = subprocess.Popen(
             [
@@ -42,7 +50,7 @@ class Node:
                 endpoints,
                 run_id,
                 node_id,
-                *map(str, (min_n, max_n, TTL)),
+                *map(str, (min_n, max_n, last_call)),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -94,8 +102,10 @@ def spawn(etcd_server: EtcdServer) -> Iterator[Callable[..., Node]]:
     run_id = f"faults-{uuid.uuid4().hex[:8]}"
     started: list[Node] = []
 
-    def start(node_id: str, min_n: int, max_n: int, endpoints: str | None = None) -> Node:
-        node = Node(endpoints or etcd_server.endpoint, run_id, node_id, min_n, max_n)
+    def start(
+        node_id: str, min_n: int, max_n: int, endpoints: str | None = None, last_call: float = 30.0
+    ) -> Node:
+        node = Node(endpoints or etcd_server.endpoint, run_id, node_id, min_n, max_n, last_call)
         started.append(node)
         return node
 
@@ -133,8 +143,13 @@ def test_sigkill_before_completion(spawn: Callable[..., Node]) -> None:
 
 
 def test_sigkill_after_completion(spawn: Callable[..., Node]) -> None:
+    """Issue 5's sequence, with the defaults (last call 30 s): the lease expires, the
+    survivors hear of the loss by watch, rejoin, and the fast quorum (not the last call)
+    commits round 2, recorded with its cause. Timing: benchmarks/engine_recovery.py."""
     nodes = [spawn(f"n{i}", 2, 3) for i in range(3)]
-    check_round([n.assigned() for n in nodes])
+    first = [n.assigned() for n in nodes]
+    check_round(first)
+    assert first[0]["causes"] == ["first_round"]
     victim, survivors = nodes[2], nodes[:2]
     victim.signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -142,9 +157,38 @@ def test_sigkill_after_completion(spawn: Callable[..., Node]) -> None:
         node.expect(lambda x: x["event"] == "change" and "n2" in x["lost"], TTL + 5.0)
     seen_after = time.monotonic() - killed
     assert seen_after < TTL + 1.0 + 1.0  # TTL + 1 s, plus slack for a loaded CI machine
-    second = [n.assigned(round_=2) for n in survivors]
+    second = [n.assigned(round_=2, timeout=10.0) for n in survivors]
     check_round(second)
     assert second[0]["world_size"] == 2
+    assert second[0]["causes"] == ["node_lost"]
+    assert "n2 lost" in second[0]["reason"] and "fast quorum" in second[0]["reason"]
+    for node in survivors:  # lost -> (no other round) -> round 2, in that order
+        kinds = [(x["event"], x.get("round")) for x in node.seen if x["event"] == "assigned"]
+        assert kinds == [("assigned", 1), ("assigned", 2)]
+
+
+def test_clean_leave_is_told_apart_from_a_loss(spawn: Callable[..., Node]) -> None:
+    nodes = [spawn(f"n{i}", 2, 3) for i in range(3)]
+    check_round([n.assigned() for n in nodes])
+    nodes[2].signal(signal.SIGTERM)  # leave(): the lease is revoked, no TTL to wait
+    second = [n.assigned(round_=2, timeout=TTL) for n in nodes[:2]]
+    check_round(second)
+    assert second[0]["causes"] == ["node_left"]
+    change = next(x for x in nodes[0].seen if x["event"] == "change" and x["lost"])
+    assert change["lost"] == change["left"] == ["n2"]
+
+
+def test_hot_spare_takes_a_dead_nodes_place(spawn: Callable[..., Node]) -> None:
+    nodes = [spawn(f"n{i}", 2, 3) for i in range(3)]
+    check_round([n.assigned() for n in nodes])
+    spare = spawn("n3", 2, 3)
+    spare.expect(lambda x: x["event"] == "started", 15.0)
+    time.sleep(0.3)  # on the redundancy list (the round is full)
+    nodes[0].signal(signal.SIGKILL)
+    second = [n.assigned(round_=2, timeout=TTL + 6.0) for n in [*nodes[1:], spare]]
+    check_round(second)
+    assert second[0]["members"] == ["n3", "n1", "n2"]  # the spare takes rank 0's hole
+    assert second[0]["causes"] == ["node_lost", "spare_promoted"]
 
 
 def test_pause_past_the_ttl_evicts_then_rejoins(spawn: Callable[..., Node]) -> None:
@@ -169,7 +213,7 @@ def test_short_pause_costs_no_round(spawn: Callable[..., Node]) -> None:
     nodes = [spawn(f"n{i}", 2, 3) for i in range(3)]
     check_round([n.assigned() for n in nodes])
     nodes[2].signal(signal.SIGSTOP)
-    time.sleep(TTL / 3.0)  # below the TTL, less the keep-alive interval: no eviction
+    time.sleep(TTL - 1.0)  # below the TTL, less the keep-alive interval: no eviction
     nodes[2].signal(signal.SIGCONT)
     time.sleep(TTL + 0.5)
     for node in nodes:

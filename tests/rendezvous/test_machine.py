@@ -230,7 +230,9 @@ def test_max_nodes_commits_at_once_and_last_call_waits() -> None:
     commits = [a for a in actions if isinstance(a, m.CommitRound)]
     assert len(commits) == 1
     assert commits[0].record.members == ("a", "b", "c")
-    assert commits[0].record.reason == "max_nodes reached"
+    assert commits[0].record.reason == "first round; max_nodes reached"
+    assert commits[0].record.causes == ("first_round",)
+    assert commits[0].record.completion == "max_nodes"
     assert commits[0].prev_revision == 0
 
 
@@ -261,6 +263,9 @@ def test_fast_quorum_commits_when_every_live_member_rejoined() -> None:
     assert [c.record.members for c in commits] == [("a", "b")]
     assert commits[0].prev_revision == 9
     assert "rejoined" in commits[0].record.reason
+    assert commits[0].record.causes == ("node_lost",)
+    assert commits[0].record.completion == "fast_quorum"
+    assert commits[0].record.lost == ("c",)
 
 
 def test_waiting_versus_spares() -> None:

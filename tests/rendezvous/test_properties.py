@@ -1,4 +1,5 @@
-"""Property tests: random arrivals, deaths, pauses, leaves and timeouts keep the invariants.
+"""Property tests: random arrivals, deaths, pauses, leaves, restarts and timeouts keep the
+invariants.
 
 Invariants are checked by the model (``rdzv_sim.World``) as the machines act: one
 committed outcome per round, consecutive round numbers, world size within
@@ -122,3 +123,134 @@ def test_survivors_keep_their_ranks_and_spares_step_in(victims: list[str]) -> No
     for rank, node_id in enumerate(before.members):
         if node_id in live and rank < len(after.members):
             assert after.members[rank] == node_id, (before, after)
+
+
+# --- issue 5: fast quorum (the default) under kills, pauses, restarts and timeouts ----
+
+fault_op = st.one_of(
+    st.tuples(st.just("start"), st.sampled_from(NODES)),
+    st.tuples(st.just("deliver"), st.sampled_from(NODES)),
+    st.tuples(st.just("deliver"), st.sampled_from(NODES)),
+    st.tuples(st.just("deliver"), st.sampled_from(NODES)),
+    st.tuples(st.just("advance"), st.sampled_from([0.01, 0.3, 2.0])),
+    st.tuples(st.just("kill"), st.sampled_from(NODES)),
+    st.tuples(st.just("pause"), st.sampled_from(NODES)),
+    st.tuples(st.just("expire_paused"), st.sampled_from(NODES)),
+    st.tuples(st.just("resume"), st.sampled_from(NODES)),
+    st.tuples(st.just("restart"), st.sampled_from(NODES)),
+    st.tuples(st.just("leave"), st.sampled_from(NODES)),
+    st.tuples(st.just("rejoin"), st.sampled_from(NODES)),
+    st.tuples(st.just("agents"), st.just(0)),
+)
+
+
+@st.composite
+def fault_worlds(draw: st.DrawFn) -> tuple[rdzv_sim.World, list[tuple[str, object]]]:
+    min_nodes = draw(st.integers(1, 3))
+    max_nodes = draw(st.integers(min_nodes, 5))
+    world = rdzv_sim.World(
+        NODES,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        last_call_timeout=draw(st.sampled_from([0.5, 30.0])),
+        join_timeout=draw(st.sampled_from([3.0, 1000.0])),
+    )  # fast_quorum: the default (on)
+    return world, draw(st.lists(fault_op, max_size=80))
+
+
+def run_faults(world: rdzv_sim.World, ops: list[tuple[str, object]]) -> None:
+    for name, arg in ops:
+        if name == "agents":  # members that heard of a loss or of waiting nodes rejoin
+            for node in world.live():
+                if node.state.phase is m.Phase.MEMBER and world._should_rejoin(node):
+                    world.start(node.node_id)
+        elif name in ("pause", "expire_paused", "resume", "restart"):
+            getattr(world, name)(str(arg))
+        else:
+            run(world, [(name, arg)])
+            continue
+        world.check_lists()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fault_worlds())
+def test_fast_quorum_never_splits_the_brain(
+    case: tuple[rdzv_sim.World, list[tuple[str, object]]],
+) -> None:
+    """With the fast quorum on: no round is committed while a live member still runs the
+    previous one (no two overlapping rounds), no node is admitted twice or on a dead or
+    leaving key, ranks stay dense and round numbers consecutive (checked by the model
+    as the machines act); after everyone resumes and everything settles, every live node
+    that is not a hot spare holds a round."""
+    world, ops = case
+    run_faults(world, ops)
+    for node_id in NODES:
+        world.resume(node_id)
+    world.settle()
+    world.check_lists()
+    latest = world.commits.get(max(world.commits, default=0))
+    for node in world.live():
+        if node.state.phase is m.Phase.JOINING:
+            assert latest is not None, f"{node.node_id} never got a round"
+            assert len(latest.members) == world.max_nodes, (node.node_id, latest)
+    for number, record in world.commits.items():
+        assert record.causes, record
+        if number == 1:
+            assert record.causes == ("first_round",)
+
+
+def test_fast_quorum_commits_a_loss_without_the_last_call() -> None:
+    world = rdzv_sim.World(NODES[:3], min_nodes=2, max_nodes=3, last_call_timeout=30.0)
+    for node_id in NODES[:3]:
+        world.start(node_id)
+    world.settle()
+    assert world.now < 1.0 and world.commits[1].completion == "max_nodes"
+    before = world.now
+    world.kill("n1")
+    world.settle()
+    second = world.commits[2]
+    assert world.now - before < 1.0  # the fast quorum, not the 30 s last call
+    assert (second.causes, second.completion, second.lost) == (
+        ("node_lost",),
+        "fast_quorum",
+        ("n1",),
+    )
+
+
+def drain(world: rdzv_sim.World) -> None:
+    """Deliver every event (members rejoin like agents) without letting time pass."""
+    for _ in range(1000):
+        progressed = False
+        for node in world.live():
+            while world.deliver(node.node_id):
+                progressed = True
+            if node.state.phase is m.Phase.MEMBER and world._should_rejoin(node):
+                world.start(node.node_id)
+                progressed = True
+        if not progressed:
+            return
+    raise AssertionError("no quiescence")
+
+
+def test_a_newcomer_during_the_reforming_falls_back_to_the_last_call() -> None:
+    world = rdzv_sim.World(NODES[:3], min_nodes=2, max_nodes=3, last_call_timeout=30.0)
+    for node_id in NODES[:2]:
+        world.start(node_id)
+    world.settle()
+    assert world.commits[1].completion == "last_call"
+    world.kill("n1")
+    drain(world)
+    world.advance(0.1)  # the leader's status (debounced) reports n1 lost: n0 rejoins
+    drain(world)
+    assert world.nodes["n0"].state.phase is m.Phase.JOINING  # alone: below min_nodes
+    world.start("n2")  # arrives while the next round forms: not a known member
+    drain(world)
+    assert 2 not in world.commits
+    world.advance(30.0)
+    drain(world)
+    world.advance(0.1)
+    drain(world)
+    second = world.commits[2]
+    assert second.members == ("n0", "n2")
+    assert second.completion == "last_call"
+    assert second.causes == ("node_lost", "node_joined")

@@ -23,11 +23,11 @@ from typing import IO, Any
 
 import click
 
-from etcd_rendezvous.cli._inspect import EventTranslator, RunEvent, build_snapshot
+from etcd_rendezvous.cli._inspect import EventTranslator, RunEvent, empty_snapshot
 from etcd_rendezvous.cli.rdzv import close_rendezvous
 from etcd_rendezvous.client import EtcdClient, Watch
 from etcd_rendezvous.errors import EtcdRendezvousError
-from etcd_rendezvous.rendezvous._records import DEFAULT_KEY_PREFIX, Keys
+from etcd_rendezvous.rendezvous import DEFAULT_KEY_PREFIX, DEFAULT_LEASE_TTL
 from etcd_rendezvous.server import EtcdServer
 
 _STOP_GRACE_S = 5.0
@@ -138,9 +138,9 @@ class Demo:
         self._summary()
 
     def _watch(self, client: EtcdClient) -> Watch:
-        root = Keys(self.run_id, self.key_prefix).root
+        root = f"{self.key_prefix.rstrip('/')}/{self.run_id}/"
         revision = client.range(root, prefix=True, count_only=True).revision
-        translator = EventTranslator(build_snapshot(self.run_id, self.key_prefix, revision, []))
+        translator = EventTranslator(empty_snapshot(self.run_id, self.key_prefix, revision))
         watch = client.watch(root, prefix=True, start_revision=revision + 1)
 
         def pump() -> None:
@@ -412,7 +412,7 @@ def _ranks(members: tuple[str, ...]) -> str:
 @click.option(
     "--lease-ttl",
     type=click.IntRange(1, 60),
-    default=2,
+    default=DEFAULT_LEASE_TTL,
     show_default=True,
     help="Seconds a silent node keeps its place (the time to notice the kill).",
 )
@@ -431,9 +431,11 @@ def _ranks(members: tuple[str, ...]) -> str:
     help="Whom to SIGKILL after round 1: 'member' (not the leader), 'leader', or a node id.",
 )
 @click.option(
-    "--fast-quorum",
-    is_flag=True,
-    help="Commit round 2 as soon as every survivor rejoined (no last call).",
+    "--fast-quorum/--no-fast-quorum",
+    default=True,
+    show_default=True,
+    help="Commit round 2 as soon as every survivor rejoined (the engine's default), "
+    "or wait out the last call.",
 )
 @click.option(
     "--binary",

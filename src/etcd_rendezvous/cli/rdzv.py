@@ -18,21 +18,14 @@ from etcd_rendezvous.cli._inspect import (
     RunEvent,
     RunSnapshot,
     UnknownRunError,
-    build_snapshot,
+    empty_snapshot,
     list_runs,
     load_run,
 )
 from etcd_rendezvous.cli.status import _split_user
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdRendezvousError
-from etcd_rendezvous.rendezvous import Rendezvous
-from etcd_rendezvous.rendezvous._records import (
-    DEFAULT_KEY_PREFIX,
-    ClosedRecord,
-    Keys,
-    check_run_id,
-    decode,
-)
+from etcd_rendezvous.rendezvous import DEFAULT_KEY_PREFIX, Closed, check_run_id, close_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -172,6 +165,8 @@ def _summary(run: RunSnapshot) -> dict[str, Any]:
         "waiting": len(run.by_role("waiting")),
         "spares": len(run.by_role("spare")),
         "lost": list(run.lost),
+        "left": list(run.left),
+        "cause": list(run.round.causes) if run.round is not None else [],
         "leader": run.leader,
         "committed_at": (run.round.time or None) if run.round is not None else None,
         "problems": [{"key": p.key, "error": p.message} for p in run.problems],
@@ -254,6 +249,15 @@ def _print_run(snap: RunSnapshot) -> None:
             f"round:     {r.round}, committed {_ago(r.time)} by {r.leader or '?'}: "
             f"{r.reason or 'no reason given'}"
         )
+        if r.causes:
+            click.echo(f"cause:     {', '.join(r.causes)} (completed by {r.completion or '?'})")
+    if snap.config is not None:
+        c = snap.config
+        click.echo(
+            f"settings:  min_nodes {c.min_nodes}, max_nodes {c.max_nodes}, last call "
+            f"{c.last_call_timeout:g} s, lease TTL {c.lease_ttl} s, fast quorum "
+            f"{'on' if c.fast_quorum else 'off'}"
+        )
     if snap.leader is not None:
         click.echo(f"leader:    {snap.leader}")
     else:
@@ -273,12 +277,16 @@ def _print_run(snap: RunSnapshot) -> None:
         ("wait list", "waiting"),
         ("spares", "spare"),
         ("pending", "pending"),
+        ("leaving", "leaving"),
     ):
         names = snap.by_role(role)
-        if role == "pending" and not names:
+        if role in ("pending", "leaving") and not names:
             continue
         click.echo(f"{title + ':':<10} {_nodes(snap, names)}")
-    click.echo(f"{'lost:':<10} {', '.join(snap.lost) or 'none'}")
+    lost = [n for n in snap.lost if n not in snap.left]
+    click.echo(f"{'lost:':<10} {', '.join(lost) or 'none'}")
+    if snap.left:
+        click.echo(f"{'left:':<10} {', '.join(snap.left)}")
     if snap.status is not None:
         st = snap.status
         click.echo(
@@ -354,16 +362,24 @@ def watch_command(
             except UnknownRunError:
                 if not wait_for_run:
                     raise
-                revision = client.range(Keys(run_id, key_prefix).root, count_only=True).revision
-                snap = build_snapshot(run_id, key_prefix, revision, [])
+                snap = load_run_or_empty(client, run_id, key_prefix)
             _watch(client, snap, as_json)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def load_run_or_empty(client: EtcdClient, run_id: str, key_prefix: str) -> RunSnapshot:
+    """The run, or an empty snapshot at the current revision (``watch --wait``)."""
+    try:
+        return load_run(client, run_id, key_prefix, lease_ttls=False)
+    except UnknownRunError:
+        revision = client.range(f"{key_prefix.rstrip('/')}/{run_id}/", count_only=True).revision
+        return empty_snapshot(run_id, key_prefix, revision)
+
+
 def _watch(client: EtcdClient, snap: RunSnapshot, as_json: bool) -> None:
     translator = EventTranslator(snap)
-    root = Keys(snap.run_id, snap.key_prefix).root
+    root = f"{snap.key_prefix.rstrip('/')}/{snap.run_id}/"
     emit = _emitter(snap.run_id, as_json)
     watch = client.watch(root, prefix=True, start_revision=snap.revision + 1)
     try:
@@ -441,24 +457,19 @@ def close_command(
     Writes the engine's closed marker (``ctl/closed``), exactly as Rendezvous.close() does.
     """
     run_id = _run_id(run_id)
-    keys = Keys(run_id, key_prefix)
     with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
         if not force:
             load_run(client, run_id, key_prefix, lease_ttls=False)  # UnknownRunError
-        existing = client.get(keys.closed)
-        if existing is not None:
-            record = decode(existing.value, key=keys.closed, run_id=run_id)
-            by = record.by if isinstance(record, ClosedRecord) else "?"
-            when = record.time if isinstance(record, ClosedRecord) else "?"
-            click.echo(f"rendezvous {run_id} was already closed by {by} at {when or '?'}")
-            return
-        close_rendezvous(client, run_id, key_prefix)
+        closed = close_rendezvous(client, run_id, key_prefix)
+    if closed.already:
+        click.echo(f"rendezvous {run_id} was already closed by {closed.by} at {closed.time or '?'}")
+        return
     click.echo(f"closed rendezvous {run_id}: every node's join now fails (RendezvousClosedError)")
 
 
-def close_rendezvous(client: EtcdClient, run_id: str, key_prefix: str) -> None:
-    """Close ``run_id`` through the engine itself (it writes ``ctl/closed`` once, by a txn)."""
-    Rendezvous(client, run_id, 1, 1, node_id=cli_node_id(), key_prefix=key_prefix).close()
+def close_rendezvous(client: EtcdClient, run_id: str, key_prefix: str) -> Closed:
+    """Close ``run_id`` as the engine does (``ctl/closed`` created once, by a txn)."""
+    return close_run(client, run_id, key_prefix=key_prefix, by=cli_node_id())
 
 
 __all__ = ["close_rendezvous", "format_event", "rdzv"]

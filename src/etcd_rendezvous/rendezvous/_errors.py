@@ -29,6 +29,14 @@ class RendezvousLeftError(RendezvousError):
     """This node left the rendezvous (``leave()``) or lost its lease while joining."""
 
 
+class RendezvousConfigError(RendezvousError):
+    """This node's settings contradict the run's (``ctl/config``, written by its first node).
+
+    Raised by ``join`` when e.g. ``min_nodes``/``max_nodes`` differ from the values the
+    run was started with: use the same settings on every node, or another run id.
+    """
+
+
 class RendezvousStateError(RendezvousError):
     """A value under the run's prefix is not a valid rendezvous record.
 
@@ -44,6 +52,7 @@ class RendezvousStateError(RendezvousError):
 
 __all__ = [
     "RendezvousClosedError",
+    "RendezvousConfigError",
     "RendezvousError",
     "RendezvousGracefulExitError",
     "RendezvousLeftError",

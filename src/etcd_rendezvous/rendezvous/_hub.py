@@ -35,7 +35,7 @@ from etcd_rendezvous.errors import (
 from etcd_rendezvous.rendezvous._errors import RendezvousError
 from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
 from etcd_rendezvous.rendezvous._observe import key_event
-from etcd_rendezvous.rendezvous._records import Keys
+from etcd_rendezvous.rendezvous._records import ConfigRecord, Keys
 
 if TYPE_CHECKING:
     from etcd_rendezvous.rendezvous.engine import Rendezvous
@@ -54,10 +54,12 @@ class _Kept:
     lease: Lease
     on_lost: Callable[[EtcdClientError], None]
     due: float
+    interval: float
 
 
 class LeaseKeeper:
-    """One thread refreshing many leases, each every ``ttl / 3`` seconds.
+    """One thread refreshing many leases, each every ``interval`` seconds (``ttl / 3``
+    unless told otherwise).
 
     A lease that etcd no longer knows, or that no refresh reached for a whole TTL, is
     reported once through its ``on_lost`` callback and dropped.
@@ -72,9 +74,16 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name=f"keep-alive {name}", daemon=True)
         self._thread.start()
 
-    def add(self, lease: Lease, on_lost: Callable[[EtcdClientError], None]) -> None:
+    def add(
+        self,
+        lease: Lease,
+        on_lost: Callable[[EtcdClientError], None],
+        *,
+        interval: float | None = None,
+    ) -> None:
+        every = lease.ttl / 3.0 if interval is None else min(interval, lease.ttl / 3.0)
         with self._wake:
-            self._leases[lease.id] = _Kept(lease, on_lost, time.monotonic() + lease.ttl / 3.0)
+            self._leases[lease.id] = _Kept(lease, on_lost, time.monotonic() + every, every)
             self._wake.notify()
 
     def remove(self, lease: Lease) -> None:
@@ -132,7 +141,7 @@ class LeaseKeeper:
             log.warning("keep-alive of lease %x failed (%s); %.1fs left", lease.id, exc, left)
             kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
             return None
-        kept.due = time.monotonic() + lease.ttl / 3.0
+        kept.due = time.monotonic() + kept.interval
         return None
 
 
@@ -149,6 +158,7 @@ class Hub:
         self._registered: set[Rendezvous] = set()
         self._attached: list[Rendezvous] = []
         self._leader_put = 0  # revision of the newest leader-key PUT this process knows of
+        self.config: ConfigRecord | None = None  # the run's settings, once a node read them
         self._stopping = threading.Event()
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None

@@ -23,6 +23,9 @@ Keys (under ``<key_prefix>/<run_id>/``; values are JSON with ``"format": 1``, se
 ``ctl/status``       the leader's summary of the running round (participants, waiting,
                      spares, lost members); what ``num_nodes_waiting()`` reads locally.
 ``ctl/closed``       present once the rendezvous is closed (created once, by a txn).
+``ctl/config``       the run's settings (min/max nodes, timeouts, lease TTL), created
+                     once by the first node's txn; a later node with other min/max
+                     fails with ``RendezvousConfigError`` (checked by the executor).
 
 Who is where, derived (nobody writes lists): for the last committed round ``R`` with
 members ``M``, the *participants* are the members whose key still exists with
@@ -38,10 +41,24 @@ Rounds: once round ``R`` has no participants left (all rejoined, left or died), 
 ``R + 1`` forms from the pending nodes. The leader commits it at once when
 ``max_nodes`` are pending; with ``min_nodes`` pending it waits ``last_call_timeout``
 (started when the count reached ``min_nodes``, cleared if it drops below) -- unless
-``fast_quorum`` is on and round ``R`` existed, in which case every live member of
-``R`` has rejoined and it commits at once (issue 5). More than ``max_nodes`` pending:
+the *fast quorum* applies (``fast_quorum``, on by default; issue 5): round ``R``
+existed, every live member of it has rejoined (none is a participant any more), at
+least one of them is pending, and every pending non-member was already known when
+``R`` stopped running (on the wait list or the redundancy list). Then the membership
+is certain and the round commits at once: a lost node costs the lease TTL plus a few
+watch round trips, and a hot spare takes a dead member's place in the same step. The
+last call remains for the first round and when new nodes arrive while the next round
+forms (more may be coming), exactly as torch does. More than ``max_nodes`` pending:
 previous members first, then by arrival (key ``create_revision``); the rest stay
 pending for the next round (spares).
+
+Causes: each committed round records why it formed (``causes``: first_round,
+node_lost, node_left, node_joined, spare_promoted, rejoined) and what completed it
+(``completion``: max_nodes, fast_quorum, last_call), with the nodes involved and a
+``reason`` in words; see ``_records.Cause``/``Completion``. A clean ``leave()`` first
+marks its key ``left`` (one guarded put), then revokes its lease: the leader counts it
+as *left*, not *lost*, in ``ctl/status`` (``left``) and in the next round; a leaving
+leader publishes that status itself, and later leaders carry ``left`` over from it.
 
 Ranks are dense ``0..N-1`` and deterministic for a membership: members of the previous
 round keep their rank when it is below ``N``; the holes go to the other staying
@@ -51,10 +68,11 @@ the node ids sorted).
 Liveness and restarts: a node's lease expiring (SIGKILL, pause beyond the TTL)
 deletes its key; the leader sees the watch event and publishes the member as lost in
 ``ctl/status``, which every node watches: that is the membership-change notification.
-A ``leave()`` revokes the lease (same effect, at once). A node that restarts under a
-new id is a new node (like torch: the old one simply expires); restarted under the
-same ``node_id``, the engine revokes the stale lease still holding its key (so the old
-incarnation, and its leadership, vanish at once) and joins as a pending node.
+A ``leave()`` marks the key, then revokes the lease (same effect, at once). A
+node that restarts under a new id is a new node (like torch: the old one simply
+expires); restarted under the same ``node_id``, the engine revokes the stale lease
+still holding its key (so the old incarnation, and its leadership, vanish at once)
+and joins as a pending node.
 ``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
 ``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
 
@@ -82,7 +100,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from etcd_rendezvous.rendezvous._records import NodeRecord, RoundRecord, StatusRecord
+from etcd_rendezvous.rendezvous._records import (
+    Cause,
+    Completion,
+    NodeRecord,
+    RoundRecord,
+    StatusRecord,
+)
 
 # --- configuration, knowledge, results ---------------------------------------------
 
@@ -95,7 +119,7 @@ class Config:
     min_nodes: int
     max_nodes: int
     last_call_timeout: float = 30.0
-    fast_quorum: bool = False
+    fast_quorum: bool = True
     status_interval: float = 0.05
 
     def __post_init__(self) -> None:
@@ -115,6 +139,7 @@ class NodeEntry:
     seen: int
     order: int
     data: Mapping[str, str] = field(default_factory=dict)
+    left: bool = False  # the node is leaving cleanly (its key goes with the revoke)
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,8 @@ class Assignment:
     world_size: int
     members: tuple[str, ...]
     data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    causes: tuple[str, ...] = ()  # why the round formed (see _records.Cause)
+    reason: str = ""  # the round's causes and completion, in words
 
 
 class ChangeKind(enum.Enum):
@@ -144,6 +171,9 @@ class Change:
     lost: tuple[str, ...] = ()
     waiting: int = 0
     spares: int = 0
+    left: tuple[str, ...] = ()  # the members of ``lost`` that left cleanly
+    causes: tuple[str, ...] = ()  # ROUND_COMMITTED: why the round formed
+    reason: str = ""  # ROUND_COMMITTED: the round's causes and completion, in words
 
 
 class Phase(enum.Enum):
@@ -280,7 +310,9 @@ class DeleteNode:
 
 @dataclass(frozen=True)
 class RevokeLease:
-    pass
+    """Revoke the node lease; first put ``farewell`` (our key, marked left) if given."""
+
+    farewell: NodeRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +398,8 @@ class State:
     committing: int = 0
     published: StatusRecord | None = None
     published_at: float = -math.inf
+    departed: frozenset[str] = frozenset()  # nodes seen leaving cleanly (their key marked)
+    collect_known: frozenset[str] | None = None  # pending when the last round stopped running
 
     @property
     def round_number(self) -> int:
@@ -408,6 +442,8 @@ def _derive_view(round_: RoundRecord | None, nodes: Mapping[str, NodeEntry]) -> 
     number = round_.round if round_ is not None else 0
     members = round_.members if round_ is not None else ()
     prev_rank = {m: r for r, m in enumerate(members)}
+    if any(entry.left for entry in nodes.values()):
+        nodes = {n: e for n, e in nodes.items() if not e.left}  # leaving: as good as gone
     participants = tuple(m for m in members if m in nodes and nodes[m].seen < number)
     active = set(participants)
 
@@ -526,7 +562,7 @@ def _status_notable(cfg: Config, state: State, event: Event, now: float) -> bool
 
 
 def _commit_due(cfg: Config, state: State, event: Event, now: float) -> bool:
-    return _commit_reason(cfg, state, now) is not None
+    return _completion(cfg, state, now) is not None
 
 
 def _status_due(cfg: Config, state: State, event: Event, now: float) -> bool:
@@ -538,24 +574,39 @@ def _status_due(cfg: Config, state: State, event: Event, now: float) -> bool:
     )
 
 
-def _commit_reason(cfg: Config, state: State, now: float) -> str | None:
+def _completion(cfg: Config, state: State, now: float) -> str | None:
+    """What completes the next round now (a :class:`Completion`), or None: not yet."""
     view = _view(cfg, state)
     if view is None or view.running or state.committing > state.round_number:
         return None
     count = len(view.pending)
     if count >= cfg.max_nodes:
-        return "max_nodes reached"
+        return Completion.MAX_NODES
     if count < cfg.min_nodes:
         return None
-    if (
-        cfg.fast_quorum
-        and state.round is not None
-        and any(m in state.round.members for m in view.pending)
-    ):
-        return f"every live member of round {view.round} rejoined"
+    if _fast_quorum(cfg, state, view):
+        return Completion.FAST_QUORUM
     if state.min_reached_at is not None and now >= state.min_reached_at + cfg.last_call_timeout:
-        return "last call ended"
+        return Completion.LAST_CALL
     return None
+
+
+def _fast_quorum(cfg: Config, state: State, view: View) -> bool:
+    """Is the next round's membership certain, so that no last call is needed?
+
+    Yes when a previous round exists, every live member of it has rejoined (the caller
+    checked: no participants), at least one of them is pending, and no other node
+    arrived since the round stopped running (nodes that were on the wait list or the
+    redundancy list by then are known; one arriving later hints at more to come, so
+    the last call applies, as on the first round).
+    """
+    if not cfg.fast_quorum or state.round is None:
+        return False
+    members = set(state.round.members)
+    if not any(n in members for n in view.pending):
+        return False
+    known = state.collect_known
+    return known is None or all(n in members or n in known for n in view.pending)
 
 
 def _leader_status(cfg: Config, state: State) -> StatusRecord | None:
@@ -569,7 +620,17 @@ def _leader_status(cfg: Config, state: State) -> StatusRecord | None:
         spares=view.spares(cfg),
         lost=view.lost,
         leader=cfg.node_id,
+        left=tuple(n for n in view.lost if n in _departed(state)),
     )
+
+
+def _departed(state: State) -> frozenset[str]:
+    """Nodes known to have left cleanly: seen by this leader, or told by the status of the
+    running round (a previous leader saw them, or a leader said so as it left)."""
+    status = state.status
+    if status is not None and status.left and status.round == state.round_number:
+        return state.departed | frozenset(status.left)
+    return state.departed
 
 
 def _nothing(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
@@ -620,14 +681,32 @@ def _fail(failure: Failure, message: str, *, delete: bool = False) -> Effect:
     def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         actions: list[Action] = [DeleteNode()] if delete else []
         actions.append(Fail(failure, message))
-        return replace(state, join_deadline=None), actions
+        nodes = state.nodes
+        if delete and nodes is not None and cfg.node_id in nodes:  # a leader never admits
+            nodes = {n: e for n, e in nodes.items() if n != cfg.node_id}  # itself after this
+        return replace(state, join_deadline=None, nodes=nodes), actions
 
     effect.__name__ = f"fail_{failure.value}"
     return effect
 
 
 def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
-    actions: list[Action] = [RevokeLease()]
+    farewell = None
+    actions: list[Action] = []
+    if state.phase in (Phase.JOINING, Phase.MEMBER):  # we have a key: say we leave
+        seen = state.round_number
+        farewell = NodeRecord(node_id=cfg.node_id, seen=seen, data=state.join_data, left=True)
+        if _is_leader(cfg, state) and state.nodes is not None and cfg.node_id in state.nodes:
+            # the next leader cannot see our mark (our key goes with us): say it in the status
+            gone = replace(
+                state,
+                nodes={n: e for n, e in state.nodes.items() if n != cfg.node_id},
+                departed=state.departed | {cfg.node_id},
+            )
+            status = _leader_status(cfg, gone)
+            if status is not None:
+                actions.append(PublishStatus(status))
+    actions.append(RevokeLease(farewell))
     if state.phase is Phase.JOINING:
         actions.append(Fail(Failure.LEFT, "the node left the rendezvous while joining"))
     return replace(state, join_deadline=None, nodes=None), actions
@@ -655,8 +734,12 @@ def _deliver(cfg: Config, state: State, event: Event, now: float) -> tuple[State
         world_size=len(record.members),
         members=record.members,
         data=record.data,
+        causes=record.causes,
+        reason=record.reason,
     )
-    change = Change(ChangeKind.ROUND_COMMITTED, record.round)
+    change = Change(
+        ChangeKind.ROUND_COMMITTED, record.round, causes=record.causes, reason=record.reason
+    )
     return replace(state, assignment=assignment, join_deadline=None), [
         Deliver(assignment),
         Notify(change),
@@ -666,7 +749,10 @@ def _deliver(cfg: Config, state: State, event: Event, now: float) -> tuple[State
 def _notify_round(
     cfg: Config, state: State, event: Event, now: float
 ) -> tuple[State, list[Action]]:
-    return state, [Notify(Change(ChangeKind.ROUND_COMMITTED, state.round_number))]
+    record = state.round
+    causes, reason = (record.causes, record.reason) if record is not None else ((), "")
+    change = Change(ChangeKind.ROUND_COMMITTED, state.round_number, causes=causes, reason=reason)
+    return state, [Notify(change)]
 
 
 def _closed(failure: Failure | None) -> Effect:
@@ -707,27 +793,94 @@ def _notify_status(
         lost=status.lost,
         waiting=status.waiting,
         spares=status.spares,
+        left=status.left,
     )
     return state, [Notify(change)]
 
 
 def _commit(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
     view = _view(cfg, state)
-    reason = _commit_reason(cfg, state, now)
-    if view is None or reason is None or state.nodes is None:  # pragma: no cover - guarded
+    completion = _completion(cfg, state, now)
+    if view is None or completion is None or state.nodes is None:  # pragma: no cover - guarded
         return state, []
     chosen = view.pending[: cfg.max_nodes]
     previous = state.round.members if state.round is not None else ()
     members = assign_ranks(previous, chosen)
+    causes, lost, left, joined = round_causes(cfg, state.round, view.lost, _departed(state), chosen)
     record = RoundRecord(
         round=view.round + 1,
         members=members,
-        reason=reason,
+        reason=describe(view.round, causes, completion, lost, left, joined),
         leader=cfg.node_id,
         data={m: state.nodes[m].data for m in members if state.nodes[m].data},
+        causes=causes,
+        completion=completion,
+        lost=lost,
+        left=left,
+        joined=joined,
     )
     state = replace(state, committing=record.round, min_reached_at=None)
     return state, [CommitRound(record, state.round_revision)]
+
+
+def round_causes(
+    cfg: Config,
+    previous: RoundRecord | None,
+    gone: Sequence[str],
+    departed: frozenset[str],
+    chosen: Sequence[str],
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(causes, lost, left, joined) of the round formed from ``chosen`` after ``previous``."""
+    if previous is None:
+        return (Cause.FIRST_ROUND,), (), (), tuple(sorted(chosen))
+    left = tuple(n for n in gone if n in departed)
+    lost = tuple(n for n in gone if n not in departed)
+    joined = tuple(sorted(n for n in chosen if n not in previous.members))
+    causes: list[str] = []
+    if lost:
+        causes.append(Cause.NODE_LOST)
+    if left:
+        causes.append(Cause.NODE_LEFT)
+    if joined:
+        full = len(previous.members) >= cfg.max_nodes
+        causes.append(Cause.SPARE_PROMOTED if full and (lost or left) else Cause.NODE_JOINED)
+    if not causes:
+        causes.append(Cause.REJOINED)
+    return tuple(causes), lost, left, joined
+
+
+_COMPLETIONS = {
+    Completion.MAX_NODES: "max_nodes reached",
+    Completion.FAST_QUORUM: "fast quorum: every live member of round {round} rejoined",
+    Completion.LAST_CALL: "last call ended",
+}
+
+
+def describe(
+    round_: int,
+    causes: Sequence[str],
+    completion: str,
+    lost: Sequence[str],
+    left: Sequence[str],
+    joined: Sequence[str],
+) -> str:
+    """The ``reason`` of a round in words, e.g. "node n2 lost; fast quorum: ..."."""
+    parts: list[str] = []
+    for cause in causes:
+        if cause == Cause.FIRST_ROUND:
+            parts.append("first round")
+        elif cause == Cause.NODE_LOST:
+            parts.append(f"node{'s' if len(lost) > 1 else ''} {', '.join(lost)} lost")
+        elif cause == Cause.NODE_LEFT:
+            parts.append(f"node{'s' if len(left) > 1 else ''} {', '.join(left)} left")
+        elif cause == Cause.SPARE_PROMOTED:
+            parts.append(f"spare {', '.join(joined)} promoted")
+        elif cause == Cause.NODE_JOINED:
+            parts.append(f"node{'s' if len(joined) > 1 else ''} {', '.join(joined)} joined")
+        elif cause == Cause.REJOINED:
+            parts.append(f"the members of round {round_} asked for a new round")
+    parts.append(_COMPLETIONS.get(completion, completion).format(round=round_))
+    return "; ".join(parts)
 
 
 def _publish(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
@@ -740,18 +893,33 @@ def _publish(cfg: Config, state: State, event: Event, now: float) -> tuple[State
 def _track_last_call(
     cfg: Config, state: State, event: Event, now: float
 ) -> tuple[State, list[Action]]:
-    """No duty due: keep the last-call clock (started when min_nodes was reached)."""
+    """No duty due: keep the last-call clock (started when min_nodes was reached) and
+    the nodes known when the last round stopped running (for the fast quorum)."""
     view = _view(cfg, state)
-    enough = view is not None and not view.running and len(view.pending) >= cfg.min_nodes
-    if enough and state.min_reached_at is None:
-        return replace(state, min_reached_at=now), []
-    if not enough and state.min_reached_at is not None:
-        return replace(state, min_reached_at=None), []
-    return state, []
+    if view is None:  # pragma: no cover - guarded by _bookkeeping_due
+        return state, []
+    enough = not view.running and len(view.pending) >= cfg.min_nodes
+    reached = state.min_reached_at
+    if enough and reached is None:
+        reached = now
+    elif not enough:
+        reached = None
+    known = state.collect_known
+    if view.running:
+        known = None
+    elif known is None:
+        known = frozenset(view.pending)
+    return replace(state, min_reached_at=reached, collect_known=known), []
 
 
-def _is_leading(cfg: Config, state: State, event: Event, now: float) -> bool:
-    return _is_leader(cfg, state)
+def _bookkeeping_due(cfg: Config, state: State, event: Event, now: float) -> bool:
+    view = _view(cfg, state)
+    if view is None:
+        return False
+    enough = not view.running and len(view.pending) >= cfg.min_nodes
+    reached_ok = (state.min_reached_at is not None) == enough
+    known_ok = (state.collect_known is None) == view.running
+    return not (reached_ok and known_ok)
 
 
 # --- the table ------------------------------------------------------------------------
@@ -833,7 +1001,7 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("spare-promoted", _p(JOINING), Evaluate, _spare_promoted, None, _promote_spare),
     Row("commit", ACTIVE, Evaluate, _commit_due, None, _commit),
     Row("publish-status", ACTIVE, Evaluate, _status_due, None, _publish),
-    Row("last-call-clock", ACTIVE, Evaluate, _is_leading, None, _track_last_call),
+    Row("last-call-clock", ACTIVE, Evaluate, _bookkeeping_due, None, _track_last_call),
     Row("evaluate", ANY, Evaluate, _always, None, _nothing),
 )
 """Every transition of the machine; tests drive each row (see ``Machine.fired``)."""
@@ -844,13 +1012,24 @@ TRANSITIONS: tuple[Row, ...] = (
 
 def _observe(state: State, event: Event) -> State:
     if isinstance(event, NodePut) and state.nodes is not None:
-        return replace(state, nodes={**state.nodes, event.node_id: event.entry})
+        departed = state.departed
+        if event.entry.left or event.node_id in departed:
+            departed = (
+                departed | {event.node_id} if event.entry.left else departed - {event.node_id}
+            )
+        return replace(state, nodes={**state.nodes, event.node_id: event.entry}, departed=departed)
     if isinstance(event, NodeDeleted) and state.nodes is not None:
         nodes = dict(state.nodes)
         nodes.pop(event.node_id, None)
         return replace(state, nodes=nodes)
     if isinstance(event, RoundCommitted):
-        return replace(state, round=event.record, round_revision=event.revision)
+        return replace(
+            state,
+            round=event.record,
+            round_revision=event.revision,
+            departed=frozenset(n for n in state.departed if n in event.record.members),
+            collect_known=None,
+        )
     if isinstance(event, StatusChanged):
         return replace(state, status=event.record)
     if isinstance(event, ClosedSeen):
@@ -901,7 +1080,13 @@ class Machine:
                 self.fired.add(row.name)
                 state, more = row.effect(self.config, state, event, now)
                 actions.extend(more)
-                puts[event.node_id] = event.entry if isinstance(event, NodePut) else None
+                if isinstance(event, NodePut):
+                    puts[event.node_id] = event.entry
+                else:
+                    entry = puts.get(event.node_id)
+                    if entry is not None and entry.left:
+                        state = self._merge(state, puts)  # record the departure first
+                    puts[event.node_id] = None
                 continue
             state = self._merge(state, puts)
             if isinstance(event, Snapshot):
@@ -921,13 +1106,18 @@ class Machine:
             puts.clear()
             return state
         nodes = dict(state.nodes)
+        departed = set(state.departed)
         for node_id, entry in puts.items():
             if entry is None:
                 nodes.pop(node_id, None)
             else:
                 nodes[node_id] = entry
+                if entry.left:
+                    departed.add(node_id)
+                else:
+                    departed.discard(node_id)
         puts.clear()
-        return replace(state, nodes=nodes)
+        return replace(state, nodes=nodes, departed=frozenset(departed))
 
     def _apply(self, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         if isinstance(event, RoundCommitted) and event.revision <= state.round_revision:

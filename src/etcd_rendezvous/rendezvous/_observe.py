@@ -15,6 +15,7 @@ from etcd_rendezvous.rendezvous._machine import (
     StatusChanged,
 )
 from etcd_rendezvous.rendezvous._records import (
+    ConfigRecord,
     Keys,
     LeaderRecord,
     NodeRecord,
@@ -50,7 +51,9 @@ def key_event(
                 run_id=run_id,
                 key=key,
             )
-        return NodePut(node_id, NodeEntry(record.seen, create_revision, record.data))
+        return NodePut(
+            node_id, NodeEntry(record.seen, create_revision, record.data, left=record.left)
+        )
     if key == keys.round:
         if value is None:
             return None
@@ -64,6 +67,10 @@ def key_event(
             return None
         decode(value, key=key, run_id=run_id)  # validate, whatever it says
         return ClosedSeen()
+    if key == keys.config:
+        if value is not None:
+            decode_as(ConfigRecord, value, key=key, run_id=run_id)  # validate
+        return None  # checked once, when a node starts (engine.py)
     if key == keys.leader:
         if value is None:
             return LeaderChanged(None)

@@ -50,6 +50,8 @@ class Keys:
     * ``ctl/round``: the last committed round (written once per round, by a txn).
     * ``ctl/status``: the leader's summary of the current round (waiting, lost...).
     * ``ctl/closed``: present once the rendezvous is closed.
+    * ``ctl/config``: the run's settings (min/max nodes, timeouts), written once by
+      the first node and checked by every later one.
     """
 
     run_id: str
@@ -83,6 +85,10 @@ class Keys:
     def closed(self) -> str:
         return self.ctl + "closed"
 
+    @property
+    def config(self) -> str:
+        return self.ctl + "config"
+
     def node(self, node_id: str) -> str:
         return self.nodes + node_id
 
@@ -94,11 +100,36 @@ class NodeRecord:
     node_id: str
     seen: int
     data: Mapping[str, str] = field(default_factory=dict)
+    left: bool = False  # written just before a clean leave revokes the lease
+
+
+class Cause:
+    """Why a round was formed (``RoundRecord.causes``; several may apply)."""
+
+    FIRST_ROUND = "first_round"
+    NODE_LOST = "node_lost"  # a member's lease expired (killed, paused past the TTL)
+    NODE_LEFT = "node_left"  # a member left cleanly (leave(): its lease was revoked)
+    NODE_JOINED = "node_joined"  # a node that was not a member joined (wait list)
+    SPARE_PROMOTED = "spare_promoted"  # a hot spare took a lost member's place
+    REJOINED = "rejoined"  # the same members asked for a new round (e.g. a worker restart)
+
+
+class Completion:
+    """What completed a round (``RoundRecord.completion``)."""
+
+    MAX_NODES = "max_nodes"  # max_nodes were pending: at once
+    FAST_QUORUM = "fast_quorum"  # every live member of the previous round rejoined
+    LAST_CALL = "last_call"  # min_nodes were pending for last_call_timeout
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """A committed round: ``members`` in rank order (``members[r]`` has rank ``r``)."""
+    """A committed round: ``members`` in rank order (``members[r]`` has rank ``r``).
+
+    ``causes`` (see :class:`Cause`) and ``completion`` (see :class:`Completion`) say
+    why the round formed and what completed it; ``lost``/``left``/``joined`` name the
+    nodes behind the causes; ``reason`` says it all in words.
+    """
 
     round: int
     members: tuple[str, ...]
@@ -106,6 +137,11 @@ class RoundRecord:
     leader: str = ""
     time: str = ""
     data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    causes: tuple[str, ...] = ()
+    completion: str = ""
+    lost: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+    joined: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +154,22 @@ class StatusRecord:
     spares: int
     lost: tuple[str, ...] = ()
     leader: str = ""
+    left: tuple[str, ...] = ()  # the members of ``lost`` that left cleanly
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """The run's settings, written once (by the first node) at ``ctl/config``."""
+
+    min_nodes: int
+    max_nodes: int
+    last_call_timeout: float
+    join_timeout: float
+    close_timeout: float
+    lease_ttl: int
+    fast_quorum: bool
+    by: str = ""
+    time: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,7 +183,7 @@ class ClosedRecord:
     time: str = ""
 
 
-Record = NodeRecord | RoundRecord | StatusRecord | LeaderRecord | ClosedRecord
+Record = NodeRecord | RoundRecord | StatusRecord | LeaderRecord | ClosedRecord | ConfigRecord
 
 
 def _dump(kind: str, body: Mapping[str, Any]) -> bytes:
@@ -143,7 +195,10 @@ def _dump(kind: str, body: Mapping[str, Any]) -> bytes:
 def encode(record: Record) -> bytes:
     """The JSON bytes stored for ``record``."""
     if isinstance(record, NodeRecord):
-        return _dump("node", {"node": record.node_id, "seen": record.seen, "data": record.data})
+        body: dict[str, Any] = {"node": record.node_id, "seen": record.seen, "data": record.data}
+        if record.left:
+            body["left"] = True
+        return _dump("node", body)
     if isinstance(record, RoundRecord):
         return _dump(
             "round",
@@ -154,6 +209,11 @@ def encode(record: Record) -> bytes:
                 "leader": record.leader,
                 "time": record.time,
                 "data": record.data,
+                "causes": list(record.causes),
+                "completion": record.completion,
+                "lost": list(record.lost),
+                "left": list(record.left),
+                "joined": list(record.joined),
             },
         )
     if isinstance(record, StatusRecord):
@@ -165,7 +225,23 @@ def encode(record: Record) -> bytes:
                 "waiting": record.waiting,
                 "spares": record.spares,
                 "lost": list(record.lost),
+                "left": list(record.left),
                 "leader": record.leader,
+            },
+        )
+    if isinstance(record, ConfigRecord):
+        return _dump(
+            "config",
+            {
+                "min_nodes": record.min_nodes,
+                "max_nodes": record.max_nodes,
+                "last_call_timeout": record.last_call_timeout,
+                "join_timeout": record.join_timeout,
+                "close_timeout": record.close_timeout,
+                "lease_ttl": record.lease_ttl,
+                "fast_quorum": record.fast_quorum,
+                "by": record.by,
+                "time": record.time,
             },
         )
     if isinstance(record, LeaderRecord):
@@ -206,6 +282,24 @@ class _Fields:
             raise self.error(f"{what} must be a node id, got {value!r}")
         return value
 
+    def number(self, name: str) -> float:
+        value = self.obj.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(f"field {name!r} must be a non-negative number, got {value!r}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool | None = None) -> bool:
+        value = self.obj.get(name, default)
+        if type(value) is not bool:
+            raise self.error(f"field {name!r} must be true or false, got {value!r}")
+        return value
+
+    def words(self, name: str) -> tuple[str, ...]:
+        value = self.obj.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"field {name!r} must be a list of strings, got {value!r}")
+        return tuple(value)
+
     def str_list(self, name: str) -> tuple[str, ...]:
         value = self.obj.get(name, [])
         if not isinstance(value, list):
@@ -238,6 +332,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             node_id=fields.node_id(obj.get("node"), "field 'node'"),
             seen=fields.integer("seen"),
             data=fields.str_map(obj.get("data", {}), "field 'data'"),
+            left=fields.boolean("left", False),
         )
     if kind == "round":
         members = fields.str_list("members")
@@ -256,6 +351,11 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
                 fields.node_id(k, "a key of 'data'"): fields.str_map(v, f"data of {k!r}")
                 for k, v in raw_data.items()
             },
+            causes=fields.words("causes"),
+            completion=fields.string("completion", ""),
+            lost=fields.str_list("lost"),
+            left=fields.str_list("left"),
+            joined=fields.str_list("joined"),
         )
     if kind == "status":
         return StatusRecord(
@@ -265,6 +365,19 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             spares=fields.integer("spares"),
             lost=fields.str_list("lost"),
             leader=fields.string("leader", ""),
+            left=fields.str_list("left"),
+        )
+    if kind == "config":
+        return ConfigRecord(
+            min_nodes=fields.integer("min_nodes"),
+            max_nodes=fields.integer("max_nodes"),
+            last_call_timeout=fields.number("last_call_timeout"),
+            join_timeout=fields.number("join_timeout"),
+            close_timeout=fields.number("close_timeout"),
+            lease_ttl=fields.integer("lease_ttl"),
+            fast_quorum=fields.boolean("fast_quorum"),
+            by=fields.string("by", ""),
+            time=fields.string("time", ""),
         )
     if kind == "leader":
         return LeaderRecord(node_id=fields.node_id(obj.get("node"), "field 'node'"))
@@ -273,7 +386,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
     raise fields.error(f"unknown kind {kind!r}")
 
 
-R = TypeVar("R", NodeRecord, RoundRecord, StatusRecord, LeaderRecord, ClosedRecord)
+R = TypeVar("R", NodeRecord, RoundRecord, StatusRecord, LeaderRecord, ClosedRecord, ConfigRecord)
 
 
 def decode_as(cls: type[R], value: bytes, *, key: str, run_id: str | None = None) -> R:

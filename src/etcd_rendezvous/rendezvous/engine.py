@@ -42,6 +42,7 @@ from etcd_rendezvous.errors import (
 from etcd_rendezvous.rendezvous import _machine as m
 from etcd_rendezvous.rendezvous._errors import (
     RendezvousClosedError,
+    RendezvousConfigError,
     RendezvousError,
     RendezvousGracefulExitError,
     RendezvousLeftError,
@@ -53,6 +54,7 @@ from etcd_rendezvous.rendezvous._observe import key_event, snapshot
 from etcd_rendezvous.rendezvous._records import (
     DEFAULT_KEY_PREFIX,
     ClosedRecord,
+    ConfigRecord,
     Keys,
     LeaderRecord,
     NodeRecord,
@@ -66,6 +68,9 @@ from etcd_rendezvous.rendezvous._records import (
 log = logging.getLogger(__name__)
 
 _ids = itertools.count()
+
+DEFAULT_LEASE_TTL = 3
+"""Seconds a silent node keeps its place (see :class:`Rendezvous` for the choice)."""
 _T = TypeVar("_T")
 
 
@@ -99,8 +104,25 @@ class Rendezvous:
     node; :meth:`close` ends the rendezvous for everyone.
 
     Timeouts are seconds. ``lease_ttl`` is how long a silent (dead or paused) node
-    keeps its place. ``fast_quorum`` completes a re-rendezvous as soon as every live
-    member of the previous round has rejoined, instead of waiting out the last call.
+    keeps its place; its lease is refreshed every ``keepalive_interval`` seconds
+    (default ``lease_ttl / 6``). ``fast_quorum`` (default on) completes a
+    re-rendezvous as soon as every live member of the previous round has rejoined,
+    instead of waiting out the last call (which still applies to the first round and
+    when new nodes arrive meanwhile).
+
+    Defaults, and why (issue 5): ``lease_ttl=3`` with a keep-alive every 0.5 s. A
+    SIGKILLed node's key vanishes 3-3.5 s after its last keep-alive (the TTL, plus up
+    to 0.5 s for etcd's expiry sweep); its leader publishes the loss at once, the
+    survivors rejoin and the fast quorum commits the next round within tens of
+    milliseconds: about 3.5 s from kill to new assignment (``benchmarks/
+    engine_recovery.py``), against 42-48 s for torch's defaults. A node that stops for
+    less than ``lease_ttl - keepalive_interval`` = 2.5 s (GC, swap, SIGSTOP, a
+    saturated CPU) keeps its lease and costs no round; the keep-alive runs on its own
+    thread, so a busy caller does not delay it. Lower TTLs evict paused nodes too
+    eagerly (and etcd rounds a TTL up to its minimum, 1.5 x the election timeout:
+    with etcd's default 1 s election timeout, 2 s); higher ones delay recovery by the
+    same amount. One keep-alive per node every 0.5 s is 2 requests/s per node: 2,000/s
+    for 1,000 nodes, well within one etcd's capacity.
     """
 
     def __init__(
@@ -115,16 +137,24 @@ class Rendezvous:
         last_call_timeout: float = 30.0,
         join_timeout: float = 600.0,
         close_timeout: float = 30.0,
-        lease_ttl: int = 10,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
         key_prefix: str = DEFAULT_KEY_PREFIX,
-        fast_quorum: bool = False,
+        fast_quorum: bool = True,
         clock: Callable[[], float] = time.monotonic,
         retry: Retry | None = None,
+        keepalive_interval: float | None = None,
     ) -> None:
         if join_timeout <= 0 or close_timeout <= 0:
             raise ValueError("join_timeout and close_timeout must be positive")
         if lease_ttl < 1:
             raise ValueError(f"lease_ttl must be at least 1 second, got {lease_ttl}")
+        if keepalive_interval is None:
+            keepalive_interval = lease_ttl / 6.0
+        if not 0 < keepalive_interval < lease_ttl:
+            raise ValueError(
+                f"keepalive_interval must be in (0, lease_ttl={lease_ttl}), "
+                f"got {keepalive_interval}"
+            )
         self.run_id = check_run_id(run_id)
         self.node_id = check_node_id(node_id or default_node_id())
         self.config = m.Config(
@@ -138,6 +168,8 @@ class Rendezvous:
         self.join_timeout = join_timeout
         self.close_timeout = close_timeout
         self.lease_ttl = lease_ttl
+        self.keepalive_interval = keepalive_interval
+        self._config_checked = False
         self._client = client
         self._data = dict(node_data or {})
         self._clock = clock
@@ -300,6 +332,8 @@ class Rendezvous:
         try:
             if self._hub is None:
                 self._hub = hub_for(self._client, self.keys, self._retry, self)
+            if not self._config_checked:
+                self._check_config()
             if not self._lease_ok():
                 self._new_lease()
             if not self._active:
@@ -337,6 +371,66 @@ class Rendezvous:
         if hub is not None:
             hub.unregister(self)
 
+    def _check_config(self) -> None:
+        """Write the run's settings if we are first, else check ours agree with them."""
+        mine = ConfigRecord(
+            min_nodes=self.config.min_nodes,
+            max_nodes=self.config.max_nodes,
+            last_call_timeout=self.config.last_call_timeout,
+            join_timeout=self.join_timeout,
+            close_timeout=self.close_timeout,
+            lease_ttl=self.lease_ttl,
+            fast_quorum=self.config.fast_quorum,
+            by=self.node_id,
+            time=_utc_now(),
+        )
+        hub = self._hub
+        if hub is not None and hub.config is not None:
+            self._compare_config(mine, hub.config)  # another node of this process read it
+            return
+        key = self.keys.config
+        response = self._etcd(
+            self._client.txn,
+            [Compare.create_revision(key, "==", 0)],
+            [Op.put(key, encode(mine))],
+            [Op.get(key)],
+        )
+        if response.succeeded:
+            run = mine
+        else:
+            got = response.responses[0] if response.responses else None
+            if not isinstance(got, RangeResponse) or not got.kvs:  # pragma: no cover - deleted
+                return
+            run = decode_as(ConfigRecord, got.kvs[0].value, key=key, run_id=self.run_id)
+        if hub is not None:
+            hub.config = run
+        self._compare_config(mine, run)
+
+    def _compare_config(self, mine: ConfigRecord, run: ConfigRecord) -> None:
+        if (run.min_nodes, run.max_nodes) != (mine.min_nodes, mine.max_nodes):
+            self._config_checked = False
+            raise RendezvousConfigError(
+                f"node {self.node_id!r} joins rendezvous {self.run_id!r} with "
+                f"min_nodes={mine.min_nodes} max_nodes={mine.max_nodes}, but the run was "
+                f"started (by node {run.by!r}) with min_nodes={run.min_nodes} "
+                f"max_nodes={run.max_nodes}: use the same settings on every node, or "
+                "another run id",
+                run_id=self.run_id,
+            )
+        self._config_checked = True
+        differ = [
+            f"{name}={getattr(mine, name)!r} (run: {getattr(run, name)!r})"
+            for name in ("last_call_timeout", "lease_ttl", "fast_quorum")
+            if getattr(mine, name) != getattr(run, name)
+        ]
+        if differ:
+            log.warning(
+                "node %s of rendezvous %s has other settings than the run: %s",
+                self.node_id,
+                self.run_id,
+                ", ".join(differ),
+            )
+
     # --- leases -------------------------------------------------------------------------
 
     def _lease_ok(self) -> bool:
@@ -346,7 +440,11 @@ class Rendezvous:
         lease = self._etcd(self._client.lease, self.lease_ttl, keep_alive=False)
         self._lease = lease
         if self._hub is not None:
-            self._hub.keeper.add(lease, lambda error: self._on_lease_lost(lease, error))
+            self._hub.keeper.add(
+                lease,
+                lambda error: self._on_lease_lost(lease, error),
+                interval=self.keepalive_interval,
+            )
         return lease
 
     def _on_lease_lost(self, lease: Lease, error: EtcdClientError) -> None:
@@ -380,7 +478,7 @@ class Rendezvous:
         if lease is None or self._state.leader != self.node_id:
             return
         now = self._clock()
-        if now < self._leader_refreshed + lease.ttl / 3.0:
+        if now < self._leader_refreshed + self.keepalive_interval:
             return
         try:
             with self._slots():
@@ -485,7 +583,7 @@ class Rendezvous:
                 if deadline is not None:
                     wake = min(wake, deadline)
                 if lease is not None:
-                    wake = min(wake, self._leader_refreshed + lease.ttl / 3.0)
+                    wake = min(wake, self._leader_refreshed + self.keepalive_interval)
                 try:
                     events = self._read(watch, max(0.0, wake - now))
                     failure: EtcdClientError | None = None
@@ -583,6 +681,8 @@ class Rendezvous:
                     [Op.delete(keys.node(self.node_id))],
                 )
         elif isinstance(action, m.RevokeLease):
+            if action.farewell is not None and self._lease_ok() and self._lease is not None:
+                self._farewell(action.farewell, self._lease.id)
             self._drop_leadership()
             lease, self._lease = self._lease, None
             if lease is not None:
@@ -608,12 +708,13 @@ class Rendezvous:
         elif isinstance(action, m.Deliver):
             self._result = action.assignment
             log.info(
-                "node %s joined round %d of rendezvous %s as rank %d of %d",
+                "node %s joined round %d of rendezvous %s as rank %d of %d (%s)",
                 self.node_id,
                 action.assignment.round,
                 self.run_id,
                 action.assignment.rank,
                 action.assignment.world_size,
+                action.assignment.reason or "no reason given",
             )
         elif isinstance(action, m.Fail):
             error = _FAILURES[action.failure]
@@ -625,6 +726,19 @@ class Rendezvous:
             self._changes.append(action.change)
             self._outbox.append(action.change)
         self._cond.notify_all()
+
+    def _farewell(self, record: NodeRecord, lease_id: int) -> None:
+        """Mark our key as leaving (one guarded put), so that the leader tells a clean
+        leave from a lost node; best effort: the revoke that follows removes it anyway."""
+        key = self.keys.node(self.node_id)
+        try:
+            with self._slots():
+                self._client.txn(
+                    [Compare.lease(key, "==", lease_id)],
+                    [Op.put(key, encode(record), lease=lease_id)],
+                )
+        except EtcdClientError as exc:
+            log.debug("node %s could not mark its key as leaving: %s", self.node_id, exc)
 
     def _acquire(self) -> None:
         """Try to create the leader key, attached to a leader lease of its own."""
@@ -705,11 +819,14 @@ class Rendezvous:
         )
         if response.succeeded:
             log.info(
-                "node %s committed round %d of rendezvous %s: %d members (%s)",
+                "node %s committed round %d of rendezvous %s: %d members, causes %s, "
+                "completed by %s (%s)",
                 self.node_id,
                 record.round,
                 self.run_id,
                 len(record.members),
+                ",".join(record.causes),
+                record.completion,
                 record.reason,
             )
         else:
