@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from etcd_rendezvous.cli import _connection
 from etcd_rendezvous.cli._inspect import (
     EventTranslator,
     RunEvent,
@@ -22,7 +23,6 @@ from etcd_rendezvous.cli._inspect import (
     list_runs,
     load_run,
 )
-from etcd_rendezvous.cli.status import _split_user
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdRendezvousError
 from etcd_rendezvous.rendezvous import DEFAULT_KEY_PREFIX, Closed, check_run_id, close_run
@@ -33,62 +33,17 @@ _WATCH_TICK_S = 0.5  # how often the watch loop wakes up to notice a closed stdo
 
 
 def connection_options(func: F) -> F:
-    """``--endpoints``, ``--key-prefix``, ``--timeout``, TLS and user, as in ``status``."""
-    options = [
-        click.option(
-            "--endpoints",
-            envvar="ETCD_ENDPOINTS",
-            required=True,
-            help="Comma-separated host:port list (default: $ETCD_ENDPOINTS).",
-        ),
-        click.option(
-            "--key-prefix",
-            default=DEFAULT_KEY_PREFIX,
-            show_default=True,
-            help="The prefix the rendezvous nodes use (Rendezvous(key_prefix=...)).",
-        ),
-        click.option(
-            "--timeout",
-            type=click.FloatRange(0.1, 300),
-            default=5.0,
-            show_default=True,
-            help="Seconds to wait for each request.",
-        ),
-        click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option(
-            "--user", default=None, help="user[:password]; password also from $ETCD_PASSWORD."
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    """The connection options of every etcd command, plus ``--key-prefix``."""
+    func = click.option(
+        "--key-prefix",
+        default=DEFAULT_KEY_PREFIX,
+        show_default=True,
+        help="The prefix the rendezvous nodes use (Rendezvous(key_prefix=...)).",
+    )(func)
+    return _connection.connection_options(default_timeout=5.0)(func)
 
 
-def _client(
-    endpoints: str,
-    timeout: float,
-    ca_cert: str | None,
-    cert: str | None,
-    key: str | None,
-    user: str | None,
-) -> EtcdClient:
-    username, password = _split_user(user)
-    if not [e for e in endpoints.split(",") if e.strip()]:
-        raise click.BadParameter("no endpoint given", param_hint="--endpoints")
-    try:
-        return EtcdClient(
-            endpoints,
-            timeout=timeout,
-            ca_cert=ca_cert,
-            cert=cert,
-            key=key,
-            username=username,
-            password=password,
-        )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
+_client = _connection.make_client
 
 
 @contextlib.contextmanager

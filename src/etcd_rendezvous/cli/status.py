@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
 
-from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.cli._connection import connection_options, make_client
 from etcd_rendezvous.errors import EtcdClientError
 
 
 @click.command()
-@click.option(
-    "--endpoints",
-    envvar="ETCD_ENDPOINTS",
-    required=True,
-    help="Comma-separated host:port list (default: $ETCD_ENDPOINTS).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0.1, 300),
-    default=2.0,
-    show_default=True,
-    help="Seconds to wait for each member.",
-)
-@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--user", default=None, help="user[:password]; password also from $ETCD_PASSWORD.")
+@connection_options(default_timeout=2.0)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(
     endpoints: str,
@@ -41,7 +24,6 @@ def status(
     as_json: bool,
 ) -> None:
     """Show each member's health, version, leader and db size."""
-    username, password = _split_user(user)
     members = [e.strip() for e in endpoints.split(",") if e.strip()]
     if not members:
         raise click.BadParameter("no endpoint given", param_hint="--endpoints")
@@ -49,15 +31,7 @@ def status(
     for endpoint in members:
         row: dict[str, Any] = {"endpoint": endpoint}
         try:
-            with EtcdClient(
-                endpoint,
-                timeout=timeout,
-                ca_cert=ca_cert,
-                cert=cert,
-                key=key,
-                username=username,
-                password=password,
-            ) as client:
+            with make_client(endpoint, timeout, ca_cert, cert, key, user) as client:
                 st = client.status()
             row.update(
                 healthy=True,
@@ -68,7 +42,7 @@ def status(
                 is_leader=st.leader == st.member_id,
                 raft_term=st.raft_term,
             )
-        except (EtcdClientError, ValueError) as exc:
+        except EtcdClientError as exc:
             row.update(healthy=False, error=str(exc))
         rows.append(row)
     if as_json:
@@ -77,13 +51,6 @@ def status(
         _print_table(rows)
     if not all(r["healthy"] for r in rows):
         raise SystemExit(1)
-
-
-def _split_user(user: str | None) -> tuple[str | None, str | None]:
-    if user is None:
-        return None, None
-    name, sep, password = user.partition(":")
-    return name, (password if sep else os.environ.get("ETCD_PASSWORD"))
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
