@@ -58,17 +58,15 @@ from torch.distributed.elastic.rendezvous.api import (
 )
 
 from etcd_rendezvous import rendezvous as engine
-from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdClientError
 from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous
-from etcd_rendezvous.torchrun import _embedded
 from etcd_rendezvous.torchrun._options import (
     KNOWN_OPTIONS,
     EtcdV3Options,
     OptionError,
     parse_options,
 )
-from etcd_rendezvous.torchrun.plugin import EMBEDDED_START_TIMEOUT, create_client
+from etcd_rendezvous.torchrun.plugin import connect
 from etcd_rendezvous.torchrun.store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -362,32 +360,6 @@ def _seconds(value: timedelta | None, default: float) -> float:
     return default if value is None else value.total_seconds()
 
 
-def _connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
-    """Host the embedded etcd when needed, then a client that answers (or fail clearly)."""
-    if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
-        endpoint = opts.endpoints[0]
-        if not _embedded.etcd_answers(endpoint, timeout=min(opts.request_timeout, 2.0)):
-            _embedded.ensure_local_etcd(endpoint, params.run_id, EMBEDDED_START_TIMEOUT)
-    client = create_client(opts)
-    try:
-        version = client.status().version
-    except EtcdClientError as exc:
-        client.close()
-        raise RendezvousConnectionError(
-            f"--rdzv-backend={params.backend}: no etcd answers at --rdzv-endpoint "
-            f"{opts.endpoint_list()} ({exc}). Start etcd there, fix the endpoint, or leave "
-            "it out to host one in an agent on this machine."
-        ) from exc
-    log.info(
-        "%s rendezvous %r on etcd %s at %s",
-        params.backend,
-        params.run_id,
-        version,
-        opts.endpoint_list(),
-    )
-    return client
-
-
 def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandler:
     """The handler creator torch's registry calls with ``RendezvousParameters``.
 
@@ -420,7 +392,7 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
             )
     key_prefix = str(params.config.get("key_prefix") or engine.DEFAULT_KEY_PREFIX)
 
-    client = _connect(opts, params)
+    client = connect(opts, params)
     store = EtcdStore(
         client,
         store_prefix(key_prefix, params.run_id),

@@ -82,6 +82,32 @@ def create_client(opts: EtcdV3Options) -> EtcdClient:
     )
 
 
+def connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
+    """Host the embedded etcd when needed, then a client that answers (or fail clearly)."""
+    if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
+        endpoint = opts.endpoints[0]
+        if not _embedded.etcd_answers(endpoint, timeout=min(opts.request_timeout, 2.0)):
+            _embedded.ensure_local_etcd(endpoint, params.run_id, EMBEDDED_START_TIMEOUT)
+    client = create_client(opts)
+    try:
+        version = client.status().version
+    except EtcdClientError as exc:
+        client.close()
+        raise RendezvousConnectionError(
+            f"--rdzv-backend={params.backend}: no etcd answers at --rdzv-endpoint "
+            f"{opts.endpoint_list()} ({exc}). Start etcd there, fix the endpoint, or leave "
+            "it out to host one in an agent on this machine."
+        ) from exc
+    log.info(
+        "%s rendezvous %r on etcd %s at %s",
+        params.backend,
+        params.run_id,
+        version,
+        opts.endpoint_list(),
+    )
+    return client
+
+
 def create_backend(
     params: RendezvousParameters,
 ) -> tuple[EtcdRendezvousBackend, EtcdStore, EtcdV3Options]:
@@ -110,22 +136,7 @@ def create_backend(
         opts.join_timeout, opts.last_call_timeout, opts.close_timeout, opts.heartbeat_timeout
     )
 
-    if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
-        endpoint = opts.endpoints[0]
-        if not _embedded.etcd_answers(endpoint, timeout=min(opts.request_timeout, 2.0)):
-            _embedded.ensure_local_etcd(endpoint, params.run_id, EMBEDDED_START_TIMEOUT)
-
-    client = create_client(opts)
-    try:
-        version = client.status().version
-    except EtcdClientError as exc:
-        client.close()
-        raise RendezvousConnectionError(
-            f"--rdzv-backend=etcd-v3: no etcd answers at --rdzv-endpoint "
-            f"{opts.endpoint_list()} ({exc}). Start etcd there, fix the endpoint, or leave "
-            "it out to host one in an agent on this machine."
-        ) from exc
-    log.info("etcd-v3 rendezvous %r on etcd %s at %s", params.run_id, version, opts.endpoint_list())
+    client = connect(opts, params)
 
     prefix = run_key_prefix(opts.key_prefix, params.run_id)
     backend = EtcdRendezvousBackend(client, params.run_id, opts.key_prefix, ttl=opts.ttl)
