@@ -8,6 +8,7 @@ import time
 import pytest
 
 from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.client.lease import refresh_many
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseNotFoundError,
@@ -92,3 +93,27 @@ def test_context_manager_revokes(etcd_client: EtcdClient) -> None:
     assert etcd_client.get("k") is None
     assert etcd_client.lease_time_to_live(lease.id).ttl == -1
     assert not any(t.name.startswith("etcd-lease") and t.is_alive() for t in threading.enumerate())
+
+
+def test_keep_alive_many_refreshes_in_one_request_and_reports_the_gone(
+    etcd_client: EtcdClient,
+) -> None:
+    ids = [etcd_client.lease_grant(30).id for _ in range(3)]
+    etcd_client.lease_revoke(ids[1])
+    assert etcd_client.lease_keep_alive_many(ids) == {ids[0]: 30, ids[1]: 0, ids[2]: 30}
+    assert etcd_client.lease_keep_alive_many([]) == {}
+    for lease_id in (ids[0], ids[2]):
+        etcd_client.lease_revoke(lease_id)
+
+
+def test_refresh_many_marks_only_the_gone_lease_lost(etcd_client: EtcdClient) -> None:
+    leases = [etcd_client.lease(30, keep_alive=False) for _ in range(3)]
+    etcd_client.lease_revoke(leases[0].id)
+    gone = refresh_many(leases)
+    assert list(gone) == [leases[0].id]
+    assert isinstance(gone[leases[0].id], EtcdLeaseNotFoundError)
+    assert leases[0].is_lost and leases[0].error is gone[leases[0].id]
+    assert not leases[1].is_lost and not leases[2].is_lost
+    assert leases[1].remaining > 29
+    for lease in leases[1:]:
+        lease.revoke()

@@ -334,7 +334,7 @@ class Transport:
     def request(
         self,
         path: str,
-        body: Json,
+        body: Json | list[Json],
         *,
         idempotent: bool,
         key: bytes | str | None = None,
@@ -343,7 +343,10 @@ class Transport:
     ) -> Json:
         """POST ``body`` to ``path``; return the decoded reply (see the module doc).
 
-        ``timeout`` (default: the client's) bounds the wait on each endpoint.
+        ``timeout`` (default: the client's) bounds the wait on each endpoint. A list
+        ``body`` is sent as newline-delimited messages to a streaming endpoint (e.g. many
+        lease keep-alives in one request); the reply is then ``{"lines": [message,
+        ...]}``, one decoded message per reply line.
         """
         headers = self.headers()
         try:
@@ -374,7 +377,7 @@ class Transport:
     def _send(
         self,
         path: str,
-        body: Json,
+        body: Json | list[Json],
         *,
         headers: dict[str, str],
         idempotent: bool,
@@ -390,7 +393,11 @@ class Transport:
             if timeout is None
             else urllib3.Timeout(connect=min(limit, self.connect_timeout), read=limit)
         )
-        data = _dumps(body).encode()
+        many = isinstance(body, list)
+        if isinstance(body, list):
+            data = b"".join(_dumps(message).encode() + b"\n" for message in body)
+        else:
+            data = _dumps(body).encode()
         order = [endpoint] if endpoint is not None else self.rotation()
         failures: list[str] = []
         last_exc: BaseException | None = None
@@ -440,7 +447,11 @@ class Transport:
                 if endpoint is None and ep is not order[0]:
                     self.pin(ep)
                 try:
-                    reply: Json = _loads(payload)
+                    reply: Json = (
+                        {"lines": [_loads(line) for line in payload.splitlines() if line.strip()]}
+                        if many
+                        else _loads(payload)
+                    )
                 except ValueError as exc:
                     raise EtcdRequestError(
                         f"etcd {path} on {ep} sent invalid JSON: {payload[:200]!r}",

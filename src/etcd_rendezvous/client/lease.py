@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -200,3 +200,31 @@ class Lease:
             self._last_refresh = sent
             failures = 0
             wait = interval
+
+
+def refresh_many(
+    leases: Sequence[Lease], *, timeout: float | None = None
+) -> dict[int, EtcdLeaseNotFoundError]:
+    """Refresh ``leases`` (all of one client) in one request; those etcd no longer knows.
+
+    Each returned lease is also marked lost (as by :meth:`Lease.refresh`). A transport
+    error raises for the whole batch and marks nothing.
+    """
+    if not leases:
+        return {}
+    client = leases[0]._client
+    sent = min(lease._clock() for lease in leases)
+    ttls = client.lease_keep_alive_many([lease.id for lease in leases], timeout=timeout)
+    gone: dict[int, EtcdLeaseNotFoundError] = {}
+    for lease in leases:
+        if ttls.get(lease.id, 0) > 0:
+            lease._last_refresh = sent
+            continue
+        error = EtcdLeaseNotFoundError(
+            f"lease {lease.id} ({lease.id:x}) not found on {client.endpoint}: "
+            "it expired or was revoked",
+            endpoint=client.endpoint,
+        )
+        lease._set_lost(error)
+        gone[lease.id] = error
+    return gone
