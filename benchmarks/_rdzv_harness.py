@@ -72,7 +72,7 @@ COUNT = _Counter()
 class CountingClient(EtcdClient):
     """Our EtcdClient, counting unary requests and watch streams opened (process-wide)."""
 
-    def _call(self, path: str, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def _call(self, path: str, body: Any, **kwargs: Any) -> dict[str, Any]:
         COUNT.add("etcd")
         return super()._call(path, body, **kwargs)
 

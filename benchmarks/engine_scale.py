@@ -30,7 +30,7 @@ class CountingClient(EtcdClient):
         self.watches = 0
         self._count_lock = threading.Lock()
 
-    def _call(self, path: str, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def _call(self, path: str, body: Any, **kwargs: Any) -> dict[str, Any]:
         with self._count_lock:
             self.requests += 1
         return super()._call(path, body, **kwargs)

@@ -23,19 +23,23 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
     RendezvousInfo,
     RendezvousParameters,
+    RendezvousStateError,
     rendezvous_handler_registry,
 )
 
 from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.rendezvous import Assignment
 from etcd_rendezvous.server import EtcdServer
+from etcd_rendezvous.torchrun import _clients
 from etcd_rendezvous.torchrun.native import (
     NativeRendezvousHandler,
+    bootstrap_info,
     create_native_handler,
 )
 
 pytestmark = pytest.mark.torch
 
-BACKEND = "etcd-v3-native"
+BACKEND = "etcd-v3"
 
 
 def dead_port() -> int:
@@ -118,8 +122,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_registered_under_torchrun_handlers() -> None:
-    # torch's registry loaded our entry point (the name the lead may switch to etcd-v3).
+    # torch's registry loaded our entry points: etcd-v3 and its alias etcd-v3-native.
     assert BACKEND in rendezvous_handler_registry._registry
+    assert "etcd-v3-native" in rendezvous_handler_registry._registry
 
 
 @pytest.mark.parametrize("nodes", [1, 4])
@@ -267,3 +272,30 @@ def test_unreachable_endpoint_fails_fast() -> None:
     with pytest.raises(RendezvousConnectionError, match="no etcd answers at --rdzv-endpoint"):
         create_native_handler(params)
     assert time.monotonic() - start < 15
+
+
+def test_handlers_of_one_process_share_one_client(
+    make_handler: Callable[..., NativeRendezvousHandler],
+) -> None:
+    before = _clients.open_clients()
+    rid = run_id()
+    a, b = make_handler(rid, 2), make_handler(rid, 2)
+    assert a.store.client is b.store.client
+    assert _clients.open_clients() == before + 1
+    infos = in_threads([a.next_rendezvous, b.next_rendezvous])
+    # Bootstrap info comes with the assignment: rank 0's address and its reserved port.
+    stores = [i.bootstrap_store_info for i in infos]
+    boot = {(b.master_addr, b.master_port) for b in stores if b is not None}
+    assert len(boot) == 1 and next(iter(boot))[0] == "127.0.0.1"
+    a.shutdown()
+    assert b.store.client.status().version  # still open: b uses it
+    b.shutdown()
+    assert _clients.open_clients() == before
+
+
+def test_rank0_without_bootstrap_port_is_a_clear_state_error() -> None:
+    assignment = Assignment(
+        round=3, rank=1, world_size=2, members=("n0", "n1"), data={"n0": {"addr": "h"}}
+    )
+    with pytest.raises(RendezvousStateError, match=r"'n0' \(rank 0 of round 3\).*port"):
+        bootstrap_info(assignment, "run")

@@ -197,8 +197,14 @@ class Rendezvous:
 
     # --- public API -----------------------------------------------------------------
 
-    def join(self, timeout: float | None = None) -> Assignment:
+    def join(
+        self, timeout: float | None = None, *, data: Mapping[str, str] | None = None
+    ) -> Assignment:
         """Join the next round; return this node's assignment once it is committed.
+
+        ``data`` is published with this join on top of the ``node_data`` given at
+        construction (e.g. a port reserved for this round); every member finds it in
+        :attr:`Assignment.data` under this node's id.
 
         A member calling ``join`` again asks for a new round (re-rendezvous). Raises
         RendezvousTimeoutError after ``timeout`` (default ``join_timeout``) -- except
@@ -210,7 +216,7 @@ class Rendezvous:
         with self._cond:
             self._start()
             self._result = None
-            self._feed(m.Join(deadline, self._data, timeout))
+            self._feed(m.Join(deadline, {**self._data, **(data or {})}, timeout))
             while True:
                 self._raise_fatal()
                 result = self._join_result()
@@ -506,7 +512,11 @@ class Rendezvous:
         Every request the engine sends is safe to repeat: writes are guarded by a txn
         compare, or put the same value again. The error surfaces once the retry gives up.
         """
-        retry = self._retry.copy()
+        return self._etcd_with(self._retry, fn, *args, **kwargs)
+
+    def _etcd_with(self, policy: Retry, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """:meth:`_etcd` with its own retry policy."""
+        retry = policy.copy()
         while True:
             try:
                 with self._slots():
@@ -688,8 +698,12 @@ class Rendezvous:
             if lease is not None:
                 if self._hub is not None:
                     self._hub.keeper.remove(lease)
+                # Retried for one TTL at most: by then etcd has dropped the lease anyway
+                # (e.g. the agent hosting an embedded etcd stopped it before we left).
                 with contextlib.suppress(EtcdLeaseNotFoundError):
-                    self._etcd(lease.revoke)
+                    self._etcd_with(
+                        Retry(deadline=float(self.lease_ttl), max_delay=0.5), lease.revoke
+                    )
         elif isinstance(action, m.AcquireLeadership):
             self._acquire()
         elif isinstance(action, m.Resync):

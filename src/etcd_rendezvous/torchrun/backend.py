@@ -92,6 +92,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
             unpickles it (see :mod:`etcd_rendezvous.torchrun._state_guard`).
             Turn it off only to store arbitrary bytes (torch's backend test
             suite does).
+        name: what :attr:`name` reports: the ``--rdzv-backend`` name the handler was
+            created under (torch's ``create_handler`` refuses a handler whose backend
+            names another).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
         ttl: int | None = None,
         *,
         check_states: bool = True,
+        name: str = BACKEND_NAME,
     ) -> None:
         if not run_id:
             raise ValueError("The run id must be a non-empty string.")
@@ -110,14 +114,15 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self._key = (run_key_prefix(key_prefix or DEFAULT_KEY_PREFIX, run_id) + "state").encode()
         self._ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
         self._check_states = check_states
+        self._name = name
         self._lock = threading.Lock()
         self._lease_id: int | None = None
         self._lease_granted_at = 0.0
 
     @property
     def name(self) -> str:
-        """See base class."""
-        return BACKEND_NAME
+        """See base class: the ``--rdzv-backend`` name it was created for (torch checks it)."""
+        return self._name
 
     @property
     def key(self) -> bytes:

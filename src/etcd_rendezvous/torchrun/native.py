@@ -24,11 +24,17 @@ What the agent gets from :meth:`NativeRendezvousHandler.next_rendezvous`, as fro
 ``DynamicRendezvousHandler``: the node's dense rank and the world size of the committed
 round, the run's :class:`~etcd_rendezvous.torchrun.store.EtcdStore` wrapped in a
 ``PrefixStore`` named ``torch.rendezvous.<run id>.<round>``, and bootstrap store info
-built for that round (node rank 0 publishes its address and a free port in the round's
-store; its rank-0 worker hosts the TCPStore). ``use_agent_store`` is False: every round
+for that round: every node joins with its address and a port it holds bound (torch's
+``get_socket_with_port``) until the round is committed, and the round record carries
+them, so the address and port of node rank 0 (whose rank-0 worker hosts the TCPStore)
+reach every node with the assignment itself: no store round trip after the rendezvous,
+unlike torch's ``RendezvousStoreInfo.build``. ``use_agent_store`` is False: every round
 gets a fresh bootstrap address, so a change of node rank 0 between rounds cannot leave
 workers of different nodes in different stores (the cached-bootstrap problem of torch
 2.13's dynamic handler, which needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+
+Handlers of one process that reach the same etcd with the same credentials share one
+client (see ``_clients.py``): one per process under torchrun, one for N simulated nodes.
 
 ``num_nodes_waiting()`` counts the nodes waiting for a round (torch's meaning) plus the
 members of the running round whose lease expired or that left: the agent then restarts
@@ -43,6 +49,8 @@ import logging
 import socket
 import threading
 import weakref
+from collections.abc import Callable
+from contextlib import closing
 from datetime import timedelta
 from typing import Any
 
@@ -56,10 +64,12 @@ from torch.distributed.elastic.rendezvous.api import (
     RendezvousParameters,
     RendezvousStoreInfo,
 )
+from torch.distributed.elastic.utils.distributed import get_socket_with_port
 
 from etcd_rendezvous import rendezvous as engine
 from etcd_rendezvous.errors import EtcdClientError
 from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous
+from etcd_rendezvous.torchrun import _clients
 from etcd_rendezvous.torchrun._options import (
     KNOWN_OPTIONS,
     EtcdV3Options,
@@ -119,6 +129,8 @@ class NativeRendezvousHandler(RendezvousHandler):
         store: the run's store; closed by :meth:`shutdown` (with its client).
         backend_name: what :meth:`get_backend` reports (the ``--rdzv-backend`` name).
         local_addr: this node's address, published as ``MASTER_ADDR`` when it has rank 0.
+        on_shutdown: called once by :meth:`shutdown` after the store is closed (e.g. to
+            release a shared client).
     """
 
     def __init__(
@@ -128,8 +140,10 @@ class NativeRendezvousHandler(RendezvousHandler):
         *,
         backend_name: str = "etcd-v3",
         local_addr: str | None = None,
+        on_shutdown: Callable[[], None] | None = None,
     ) -> None:
         self._rdzv = rdzv
+        self._on_shutdown = on_shutdown
         self._store = store
         self._backend_name = backend_name
         self._addr = local_addr or socket.getfqdn()
@@ -165,25 +179,30 @@ class NativeRendezvousHandler(RendezvousHandler):
     def next_rendezvous(self) -> RendezvousInfo:
         run_id = self._rdzv.run_id
         log.info("node %s joins the next round of rendezvous %s", self._rdzv.node_id, run_id)
-        try:
+        # The bootstrap port, should this node get rank 0: held bound until the round is
+        # committed, so nothing else takes it meanwhile; published with the join.
+        with closing(get_socket_with_port()) as reserved:
+            data = {"addr": self._addr, "port": str(reserved.getsockname()[1])}
             try:
-                assignment = self._rdzv.join()
-            except engine.RendezvousLeftError:
-                if self._shut_down:
-                    raise
-                # Our lease expired while joining (e.g. this process was stopped past the
-                # TTL): join again with a new one, once.
-                log.warning(
-                    "node %s lost its lease while joining; joining again", self._rdzv.node_id
-                )
-                assignment = self._rdzv.join()
-        except (engine.RendezvousError, EtcdClientError) as exc:
-            raise _torch_error(exc, run_id) from exc
+                try:
+                    assignment = self._rdzv.join(data=data)
+                except engine.RendezvousLeftError:
+                    if self._shut_down:
+                        raise
+                    # Our lease expired while joining (e.g. this process was stopped past
+                    # the TTL): join again with a new one, once.
+                    log.warning(
+                        "node %s lost its lease while joining; joining again",
+                        self._rdzv.node_id,
+                    )
+                    assignment = self._rdzv.join(data=data)
+            except (engine.RendezvousError, EtcdClientError) as exc:
+                raise _torch_error(exc, run_id) from exc
         with self._lock:
             self._assignment = assignment
             self._lost = {r: s for r, s in self._lost.items() if r >= assignment.round}
         store: Store = PrefixStore(f"torch.rendezvous.{run_id}.{assignment.round}", self._store)
-        bootstrap = RendezvousStoreInfo.build(assignment.rank, store, local_addr=self._addr)
+        bootstrap = bootstrap_info(assignment, run_id)
         log.info(
             "node %s: round %d of rendezvous %s, rank %d of %d, bootstrap %s:%d (%s)",
             self._rdzv.node_id,
@@ -248,7 +267,11 @@ class NativeRendezvousHandler(RendezvousHandler):
             try:
                 self._rdzv.leave()
             finally:
-                self._store.close()
+                try:
+                    self._store.close()
+                finally:
+                    if self._on_shutdown is not None:
+                        self._on_shutdown()
         return ok
 
     # --- internals ------------------------------------------------------------------------
@@ -280,6 +303,25 @@ class NativeRendezvousHandler(RendezvousHandler):
             self._rdzv.leave()
         except Exception as exc:  # best effort at exit: never mask the exit status
             log.debug("leaving rendezvous %s at exit failed: %s", self._rdzv.run_id, exc)
+
+
+def bootstrap_info(assignment: Assignment, run_id: str) -> RendezvousStoreInfo:
+    """Where the round's TCPStore will be: the address and port node rank 0 joined with.
+
+    Raises:
+        torch's RendezvousStateError: rank 0's record has no usable address or port
+            (a node of another program or version under the run's keys).
+    """
+    head = assignment.members[0]
+    data = assignment.data.get(head, {})
+    addr, port = data.get("addr", ""), data.get("port", "")
+    if addr and port.isdigit() and 0 < int(port) < 65536:
+        return RendezvousStoreInfo(master_addr=addr, master_port=int(port))
+    raise torch_api.RendezvousStateError(
+        f"etcd-v3 rendezvous {run_id!r}: node {head!r} (rank 0 of round {assignment.round}) "
+        f"joined without a bootstrap address and port (data {dict(data)!r}); is it running "
+        "another version of etcd-rendezvous?"
+    )
 
 
 def _leave_at_exit(ref: weakref.ref[NativeRendezvousHandler]) -> None:
@@ -392,12 +434,11 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
             )
     key_prefix = str(params.config.get("key_prefix") or engine.DEFAULT_KEY_PREFIX)
 
-    client = connect(opts, params)
+    client = _clients.acquire(opts, lambda: connect(opts, params))
     store = EtcdStore(
         client,
         store_prefix(key_prefix, params.run_id),
         timeout=timedelta(seconds=opts.read_timeout),
-        owns_client=True,
     )
     addr = params.local_addr or socket.getfqdn()
     try:
@@ -416,6 +457,7 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
         )
     except BaseException:
         store.close()
+        _clients.release(client)
         raise
     log.info(
         "rendezvous %s: node %s, lease_ttl=%ds, fast_quorum=%s",
@@ -424,7 +466,13 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
         lease_ttl,
         fast_quorum,
     )
-    return NativeRendezvousHandler(rdzv, store, backend_name=params.backend, local_addr=addr)
+    return NativeRendezvousHandler(
+        rdzv,
+        store,
+        backend_name=params.backend,
+        local_addr=addr,
+        on_shutdown=lambda: _clients.release(client),
+    )
 
 
 def get_handler_creator() -> RendezvousHandlerCreator:
@@ -435,6 +483,7 @@ def get_handler_creator() -> RendezvousHandlerCreator:
 __all__ = [
     "NATIVE_OPTIONS",
     "NativeRendezvousHandler",
+    "bootstrap_info",
     "create_native_handler",
     "get_handler_creator",
     "store_prefix",

@@ -139,7 +139,9 @@ def create_backend(
     client = connect(opts, params)
 
     prefix = run_key_prefix(opts.key_prefix, params.run_id)
-    backend = EtcdRendezvousBackend(client, params.run_id, opts.key_prefix, ttl=opts.ttl)
+    backend = EtcdRendezvousBackend(
+        client, params.run_id, opts.key_prefix, ttl=opts.ttl, name=params.backend
+    )
     store = EtcdStore(
         client,
         prefix + "store/",
