@@ -102,6 +102,7 @@ class Torchrun:
         env: dict[str, str] | None = None,
         backend: str = "etcd-v3",
         max_restarts: int = 3,
+        script: str = SCRIPT,
     ) -> Node:
         tag = uuid.uuid4().hex
         argv = [
@@ -117,7 +118,7 @@ class Torchrun:
             argv.append(f"--rdzv-endpoint={endpoint}")
         if conf:
             argv.append(f"--rdzv-conf={conf}")
-        argv.append(SCRIPT)
+        argv.append(script)
         full_env = {
             **os.environ,
             "E2E_TAG": tag,
@@ -146,10 +147,15 @@ class Torchrun:
     def wait_markers(self, count: int, world: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self.markers(world)) < count:
-            if time.monotonic() > deadline:
+            # Every agent gone (e.g. torchrun refused its options): no worker can come.
+            gone = all(n.proc.poll() is not None for n in self.nodes)
+            if gone and len(self.markers(world)) >= count:
+                return
+            if gone or time.monotonic() > deadline:
                 logs = "\n\n".join(n.log()[-3000:] for n in self.nodes)
+                why = "every agent exited" if gone else f"not within {timeout:.0f}s"
                 raise AssertionError(
-                    f"{count} workers of world {world} did not start in {timeout:.0f}s; "
+                    f"{count} workers of world {world} did not start ({why}); "
                     f"markers {self.markers()}; logs:\n{logs}"
                 )
             time.sleep(0.05)

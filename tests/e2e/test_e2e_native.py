@@ -1,16 +1,20 @@
 """End to end: real ``torchrun`` agents and gloo workers on the native engine.
 
-``--rdzv-backend=etcd-v3-native`` (the handler of ``torchrun/native.py``) with torch's
-default timeouts and the engine's defaults (3 s lease, fast quorum), on localhost.
-Workers run a training-like loop of all_reduces (``native_worker.py``) until the test
-creates the finish file, so each test decides when the job may end. The 2-node run
-is repeated on every etcd binary; the others use one etcd (the default binary) to keep
-the file short. Every wait is bounded; the ``torchrun`` fixture SIGKILLs every tagged
-process and checks none is left.
+``--rdzv-backend=etcd-v3`` (the handler of ``torchrun/native.py``; ``etcd-v3-native`` is
+its alias, run once) with torch's default timeouts and the engine's defaults (3 s lease,
+fast quorum), on localhost. Workers run a training-like loop of all_reduces
+(``native_worker.py``) until the test creates the finish file, so each test decides when
+the job may end. The faults of the recovery issue are here: a whole node killed (once,
+then twice in a row), only its agent killed, a member replaced by a spare, a node
+restarted, a node paused below and above its lease TTL, an etcd member killed. The
+2-node run is repeated on every etcd binary; the others use one etcd (the default
+binary) to keep the file short. Every wait is bounded; the ``torchrun`` fixture SIGKILLs
+every tagged process and checks none is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,23 +27,16 @@ import pytest
 
 pytest.importorskip("torch")
 
-from e2e import harness
 from e2e.harness import Node, Torchrun, tagged_pids
 from etcd_rendezvous.server import EtcdCluster, EtcdServer
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
-BACKEND = "etcd-v3-native"
+BACKEND = "etcd-v3"
 WORKER = str(Path(__file__).with_name("native_worker.py"))
 # Bounds: starting a node (torch imports) takes a few seconds on 2 busy cores.
 START = 90.0
 FINISH = 90.0
-
-
-@pytest.fixture(autouse=True)
-def native_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The harness runs its module-level SCRIPT; ours is the loop worker.
-    monkeypatch.setattr(harness, "SCRIPT", WORKER)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +60,7 @@ def start(
     expect: int | None = None,
     conf: str = "",
     max_restarts: int = 3,
+    backend: str = BACKEND,
 ) -> Node:
     env = {"E2E_FINISH_FILE": str(finish)} if finish is not None else {}
     if expect is not None:
@@ -73,8 +71,9 @@ def start(
         nnodes=nnodes,
         conf=conf,
         env=env,
-        backend=BACKEND,
+        backend=backend,
         max_restarts=max_restarts,
+        script=WORKER,
     )
 
 
@@ -96,7 +95,23 @@ def assert_world(results: list[str], world: int) -> None:
 
 def signal_node(node: Node, sig: signal.Signals) -> None:
     for pid in tagged_pids(node.tag):
-        os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def node_with_rank(torchrun: Torchrun, world: int, rank: int) -> int:
+    """Index of the node whose live worker has ``rank`` in the latest round of ``world``."""
+    latest: dict[int, tuple[float, int]] = {}  # rank -> (started at, pid)
+    for name in torchrun.markers(world):
+        worker_rank, _, started = (torchrun.marker_dir / name).read_text().split()
+        pid = int(name.split("-")[1])
+        if latest.get(int(worker_rank), (0.0, 0))[0] < float(started):
+            latest[int(worker_rank)] = (float(started), pid)
+    assert rank in latest, (rank, torchrun.markers())
+    pid = latest[rank][1]
+    owners = [i for i, node in enumerate(torchrun.nodes) if pid in tagged_pids(node.tag)]
+    assert len(owners) == 1, f"worker {pid} (rank {rank} of {world}) belongs to {owners}"
+    return owners[0]
 
 
 @pytest.mark.parametrize("nnodes", [2])
@@ -114,6 +129,13 @@ def test_three_nodes_all_reduce(torchrun: Torchrun, one_etcd: EtcdServer, run_id
     assert_world(results_of(torchrun, [0, 1, 2]), 3)
 
 
+def test_alias_etcd_v3_native(torchrun: Torchrun, one_etcd: EtcdServer, run_id: str) -> None:
+    # etcd-v3-native: the name jobs used before the native engine became etcd-v3.
+    for _ in range(2):
+        start(torchrun, one_etcd.endpoint, run_id, "2", None, backend="etcd-v3-native")
+    assert_world(results_of(torchrun, [0, 1]), 2)
+
+
 def test_kill_whole_node_survivors_finish_with_defaults(
     torchrun: Torchrun, one_etcd: EtcdServer, run_id: str, finish_file: Path
 ) -> None:
@@ -128,6 +150,26 @@ def test_kill_whole_node_survivors_finish_with_defaults(
     assert_world(results_of(torchrun, [0, 1]), 2)
     # Lease TTL (3 s) + fast quorum + worker start: far below torch's 42-48 s.
     assert recovery < 30, f"survivors took {recovery:.1f}s to run again"
+
+
+def test_kill_two_nodes_one_after_another(
+    torchrun: Torchrun, one_etcd: EtcdServer, run_id: str, finish_file: Path
+) -> None:
+    # 1:3, torch's default timeouts, the engine's 3 s lease. Each time the node hosting
+    # rank 0 (its worker hosts the round's bootstrap store) dies with its workers.
+    for _ in range(3):
+        start(torchrun, one_etcd.endpoint, run_id, "1:3", finish_file, expect=1)
+    torchrun.wait_markers(3, world=3, timeout=START)
+    first = node_with_rank(torchrun, world=3, rank=0)
+    torchrun.nodes[first].kill()
+    torchrun.wait_markers(2, world=2, timeout=60)
+    second = node_with_rank(torchrun, world=2, rank=0)
+    assert second != first
+    torchrun.nodes[second].kill()
+    torchrun.wait_markers(1, world=1, timeout=60)
+    finish_file.touch()
+    (last,) = {0, 1, 2} - {first, second}
+    assert_world(results_of(torchrun, [last]), 1)
 
 
 def test_kill_agent_only_survivors_reform(
@@ -198,6 +240,32 @@ def test_pause_below_ttl_costs_no_round(
     assert_world(results, 3)
     assert all(" restart=0 " in r for r in results), results
     assert len(torchrun.markers()) == 3, torchrun.markers()  # one round, never re-formed
+
+
+def test_pause_above_ttl_node_rejoins_as_late_node(
+    torchrun: Torchrun, one_etcd: EtcdServer, run_id: str, finish_file: Path
+) -> None:
+    # A node stopped past its lease TTL (3 s) is gone for the others: they re-form at 2
+    # while it is stopped. Once resumed, its lease and its round are gone: its agent must
+    # rendezvous again and join the next round as a late node (max 3 reached: no last
+    # call), so the job runs at 3 again and finishes on every node.
+    for _ in range(3):
+        start(torchrun, one_etcd.endpoint, run_id, "2:3", finish_file, expect=3)
+    torchrun.wait_markers(3, world=3, timeout=START)
+    paused = node_with_rank(torchrun, world=3, rank=0)  # hosts the round's bootstrap store
+    node = torchrun.nodes[paused]
+    stopped = time.monotonic()
+    signal_node(node, signal.SIGSTOP)
+    try:
+        torchrun.wait_markers(2, world=2, timeout=60)
+        assert torchrun.nodes[paused].proc.poll() is None
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - stopped)))
+    finally:
+        signal_node(node, signal.SIGCONT)
+    assert len(torchrun.markers(2)) == 2, torchrun.markers()  # one round of 2, not several
+    torchrun.wait_markers(6, world=3, timeout=START)  # the first round of 3, and this one
+    finish_file.touch()
+    assert_world(results_of(torchrun, [0, 1, 2]), 3)
 
 
 def test_restarted_node_rejoins(
