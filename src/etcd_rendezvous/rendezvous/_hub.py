@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from etcd_rendezvous.client import EtcdClient, Lease, Retry, Watch
+from etcd_rendezvous.client.lease import refresh_many
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseLostError,
-    EtcdLeaseNotFoundError,
 )
 from etcd_rendezvous.rendezvous._errors import RendezvousError
 from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from etcd_rendezvous.rendezvous.engine import Rendezvous
 
 log = logging.getLogger(__name__)
+
+KEEPALIVE_BATCH = 500
+"""Leases refreshed per keep-alive request (one POST to the gateway's keep-alive stream)."""
 
 IO_SLOTS = 16
 """Concurrent etcd requests per hub: the client's connection pool keeps 16 connections."""
@@ -59,7 +62,7 @@ class _Kept:
 
 class LeaseKeeper:
     """One thread refreshing many leases, each every ``interval`` seconds (``ttl / 3``
-    unless told otherwise).
+    unless told otherwise); the leases due together go in one request.
 
     A lease that etcd no longer knows, or that no refresh reached for a whole TTL, is
     reported once through its ``on_lost`` callback and dropped.
@@ -108,12 +111,10 @@ class LeaseKeeper:
                     self._wake.wait(max(0.0, wake - now))
                     continue
             lost: list[tuple[_Kept, EtcdClientError]] = []
-            for kept in due:
+            for start in range(0, len(due), KEEPALIVE_BATCH):
                 if self._stopped.is_set():
                     return
-                error = self._refresh(kept)
-                if error is not None:
-                    lost.append((kept, error))
+                lost += self._refresh(due[start : start + KEEPALIVE_BATCH])
             for kept, error in lost:
                 self.remove(kept.lease)
                 try:
@@ -121,28 +122,31 @@ class LeaseKeeper:
                 except Exception:
                     log.exception("lease-lost handler of lease %x failed", kept.lease.id)
 
-    def _refresh(self, kept: _Kept) -> EtcdClientError | None:
-        lease = kept.lease
+    def _refresh(self, batch: list[_Kept]) -> list[tuple[_Kept, EtcdClientError]]:
+        """Refresh ``batch`` in one request; the leases lost, with why."""
         try:
             with self._io:
-                lease.refresh()
-        except EtcdLeaseNotFoundError as exc:
-            return exc
+                gone = refresh_many([kept.lease for kept in batch])
         except EtcdClientError as exc:
-            left = lease.remaining
-            if left <= 0:
-                lost = EtcdLeaseLostError(
-                    f"lease {lease.id:x} lost: no keep-alive reached etcd for {lease.ttl}s "
-                    f"(last error: {exc})",
-                    endpoint=exc.endpoint,
-                )
-                lost.__cause__ = exc
-                return lost
-            log.warning("keep-alive of lease %x failed (%s); %.1fs left", lease.id, exc, left)
-            kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
-            return None
-        kept.due = time.monotonic() + kept.interval
-        return None
+            lost: list[tuple[_Kept, EtcdClientError]] = []
+            for kept in batch:
+                left = kept.lease.remaining
+                if left <= 0:
+                    error = EtcdLeaseLostError(
+                        f"lease {kept.lease.id:x} lost: no keep-alive reached etcd for "
+                        f"{kept.lease.ttl}s (last error: {exc})",
+                        endpoint=exc.endpoint,
+                    )
+                    error.__cause__ = exc
+                    lost.append((kept, error))
+                else:
+                    kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
+            log.warning("keep-alive of %d lease(s) failed: %s", len(batch), exc)
+            return lost
+        now = time.monotonic()
+        for kept in batch:
+            kept.due = now + kept.interval
+        return [(kept, gone[kept.lease.id]) for kept in batch if kept.lease.id in gone]
 
 
 class Hub:

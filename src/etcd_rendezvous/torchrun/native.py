@@ -1,7 +1,7 @@
 """torchrun on the native engine: a torch ``RendezvousHandler`` on :class:`Rendezvous`.
 
-``torchrun --rdzv-backend=etcd-v3-native`` (to become ``etcd-v3``; see ``pyproject.toml``).
-Same ``--rdzv-endpoint`` and embedded default as the torch-dynamic ``etcd-v3`` plugin
+``torchrun --rdzv-backend=etcd-v3`` (alias ``etcd-v3-native``; see ``pyproject.toml``).
+Same ``--rdzv-endpoint`` and embedded default as the torch-dynamic ``etcd-v3-dynamic`` plugin
 (:mod:`etcd_rendezvous.torchrun.plugin`), same ``--rdzv-conf`` options, plus:
 
 =========================  =====================================================

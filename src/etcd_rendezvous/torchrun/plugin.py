@@ -1,8 +1,10 @@
-"""The ``etcd-v3`` rendezvous for torchrun: ``torchrun --rdzv-backend=etcd-v3``.
+"""torch's dynamic rendezvous on etcd v3: ``torchrun --rdzv-backend=etcd-v3-dynamic``.
 
 Registered through the ``torchrun.handlers`` entry-point group (see
 ``pyproject.toml``). torch loads :func:`get_handler_creator` and registers what
-it returns, :func:`create_rdzv_handler`, under the name ``etcd-v3``.
+it returns, :func:`create_rdzv_handler`, under the name ``etcd-v3-dynamic``
+(``etcd-v3`` itself is the native engine, :mod:`etcd_rendezvous.torchrun.native`,
+which shares this module's :func:`connect` and options).
 
 The handler is torch's own ``DynamicRendezvousHandler`` (same semantics as the
 ``c10d`` and ``etcd-v2`` backends: min/max nodes, last call, wait list,
