@@ -7,8 +7,8 @@ the time from the kill until both survivors' workers run again in a world of 2 (
 worker writes a marker file with its wall-clock start time once its process group is
 up). Then the survivors are told to finish and must exit 0.
 
-Backends, in the same run, interleaved run by run: ``etcd-v3-native`` (ours, the
-native engine: ``etcd-v3`` once the lead switches it), torch's ``c10d``, ``etcd`` and
+Backends, in the same run, interleaved run by run: ``etcd-v3`` (ours, the native
+engine), torch's ``c10d``, ``etcd`` and
 ``etcd-v2`` (the last two through python-etcd, on the same etcd started by our
 ``EtcdServer`` with ``--enable-v2``). Every setting is the default (torch's, and our
 engine's), except ``--monitor-interval`` left at torch's default too. Each run is
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from etcd_rendezvous.server import EtcdServer
 
-BACKENDS = ("etcd-v3-native", "c10d", "etcd", "etcd-v2")
+BACKENDS = ("etcd-v3", "c10d", "etcd", "etcd-v2")
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "e2e" / "native_worker.py"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
