@@ -91,6 +91,16 @@ class Lease:
         """Seconds until the lease expires unless refreshed (our estimate)."""
         return max(0.0, self._last_refresh + self.ttl - self._clock())
 
+    def expired_error(self, last: EtcdClientError) -> EtcdLeaseLostError:
+        """The loss to report when no refresh reached etcd for a whole TTL (``last``: why)."""
+        lost = EtcdLeaseLostError(
+            f"lease {self.id} ({self.id:x}) lost: no keep-alive reached etcd "
+            f"for {self.ttl}s (last error: {last})",
+            endpoint=last.endpoint,
+        )
+        lost.__cause__ = last
+        return lost
+
     # -- actions -------------------------------------------------------------
 
     def refresh(self) -> int:
@@ -178,13 +188,7 @@ class Lease:
                 failures += 1
                 left = self.remaining
                 if left <= 0:
-                    lost = EtcdLeaseLostError(
-                        f"lease {self.id} ({self.id:x}) lost: no keep-alive reached etcd "
-                        f"for {self.ttl}s (last error: {exc})",
-                        endpoint=exc.endpoint,
-                    )
-                    lost.__cause__ = exc
-                    self._set_lost(lost)
+                    self._set_lost(self.expired_error(exc))
                     return
                 wait = min(_MAX_RETRY, max(_MIN_RETRY, left / 4.0), _MIN_RETRY * 2**failures)
                 log.warning(

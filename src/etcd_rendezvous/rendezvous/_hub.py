@@ -30,7 +30,6 @@ from etcd_rendezvous.client import EtcdClient, Lease, Retry, Watch
 from etcd_rendezvous.client.lease import refresh_many
 from etcd_rendezvous.errors import (
     EtcdClientError,
-    EtcdLeaseLostError,
 )
 from etcd_rendezvous.rendezvous._errors import RendezvousError
 from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
@@ -132,13 +131,7 @@ class LeaseKeeper:
             for kept in batch:
                 left = kept.lease.remaining
                 if left <= 0:
-                    error = EtcdLeaseLostError(
-                        f"lease {kept.lease.id:x} lost: no keep-alive reached etcd for "
-                        f"{kept.lease.ttl}s (last error: {exc})",
-                        endpoint=exc.endpoint,
-                    )
-                    error.__cause__ = exc
-                    lost.append((kept, error))
+                    lost.append((kept, kept.lease.expired_error(exc)))
                 else:
                     kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
             log.warning("keep-alive of %d lease(s) failed: %s", len(batch), exc)
