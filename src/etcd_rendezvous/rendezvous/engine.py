@@ -93,6 +93,36 @@ _FAILURES: dict[m.Failure, type[RendezvousError]] = {
 }
 
 
+class _LeaderWatch:
+    """The leader's private watch of the whole run prefix, opened by its decision loop.
+
+    ``cancel()`` may come before the stream is up: :meth:`attach` then cancels it.
+    """
+
+    def __init__(self, prefix: str, start_revision: int) -> None:
+        self.prefix = prefix
+        self.start_revision = start_revision
+        self._lock = threading.Lock()
+        self._watch: Watch | None = None
+        self._cancelled = False
+
+    def attach(self, watch: Watch) -> bool:
+        """Hold the opened ``watch``; False (and cancelled) if we were cancelled already."""
+        with self._lock:
+            if not self._cancelled:
+                self._watch = watch
+                return True
+        watch.cancel()
+        return False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+
+
 class Rendezvous:
     """An elastic rendezvous of ``min_nodes..max_nodes`` nodes on etcd (no torch needed).
 
@@ -185,7 +215,7 @@ class Rendezvous:
         self._lease: Lease | None = None  # the node lease (kept alive by the hub's keeper)
         self._leader_lease: Lease | None = None  # the leader key's (kept alive by _lead)
         self._leader_refreshed = 0.0
-        self._watch: Watch | None = None  # while leading: the whole run prefix
+        self._watch: _LeaderWatch | None = None  # while leading: the whole run prefix
         self._thread: threading.Thread | None = None  # while leading: the decision loop
         self._stopping = threading.Event()
         self._result: Assignment | RendezvousError | None = None
@@ -579,9 +609,18 @@ class Rendezvous:
         with self._cond:
             self._fatal_locked(self._connection_error(error))
 
-    def _lead(self, watch: Watch) -> None:
+    def _lead(self, leading: _LeaderWatch) -> None:
         """The leader's decision loop, on its private watch of the whole run prefix."""
         try:
+            opened = self._etcd(
+                self._client.watch,
+                leading.prefix,
+                prefix=True,
+                start_revision=leading.start_revision,
+            )
+            if not leading.attach(opened):
+                return  # stepped down or stopped while the watch was being created
+            watch = leading
             while not self._stopping.is_set():
                 with self._lock:
                     if self._watch is not watch:
@@ -595,7 +634,7 @@ class Rendezvous:
                 if lease is not None:
                     wake = min(wake, self._leader_refreshed + self.keepalive_interval)
                 try:
-                    events = self._read(watch, max(0.0, wake - now))
+                    events = self._read(opened, max(0.0, wake - now))
                     failure: EtcdClientError | None = None
                 except EtcdClientError as exc:  # the watch gave up, or history was compacted
                     events, failure = [], exc
@@ -895,9 +934,10 @@ class Rendezvous:
                 self._resync(m.Scope.CONTROL)
                 return
             if not self._stopping.is_set():
-                watch = self._etcd(
-                    self._client.watch, prefix, prefix=True, start_revision=response.revision + 1
-                )
+                # The decision loop opens the watch (from the read's revision on: nothing
+                # is missed) while we decide on the snapshot: a full round commits without
+                # waiting for the watch stream to come up (~20 ms on the gateway).
+                watch = _LeaderWatch(prefix, response.revision + 1)
                 old, self._watch = self._watch, watch
                 if old is not None:
                     old.cancel()
