@@ -1,11 +1,12 @@
 """One rendezvous participant as a process, for the fault tests (test_faults.py).
 
-Usage: python rdzv_node.py ENDPOINTS RUN_ID NODE_ID MIN MAX [LAST_CALL]
+Usage: python rdzv_node.py ENDPOINTS RUN_ID NODE_ID MIN MAX [LAST_CALL [LEASE_TTL]]
 
-Joins with the engine's defaults (lease TTL, keep-alive, fast quorum; last call 30 s
-unless given), prints its assignment as one JSON line, then re-joins whenever the
+Joins with the engine's defaults (lease TTL, keep-alive, fast quorum, probes; last call
+30 s unless given), prints its assignment as one JSON line, then re-joins whenever the
 membership changes (a member lost, a node waiting, a newer round, its own lease lost),
-printing every change and every new assignment. Runs until it is killed or the
+or when told so by a line ``rejoin`` on its stdin (as torch's agent does when a worker
+fails), printing every change and every new assignment. Runs until it is killed or the
 rendezvous closes; SIGTERM makes it leave cleanly.
 """
 
@@ -14,10 +15,16 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 
 from etcd_rendezvous.client import EtcdClient
-from etcd_rendezvous.rendezvous import ChangeKind, Rendezvous, RendezvousClosedError
+from etcd_rendezvous.rendezvous import (
+    DEFAULT_LEASE_TTL,
+    ChangeKind,
+    Rendezvous,
+    RendezvousClosedError,
+)
 
 
 def say(**fields: object) -> None:
@@ -27,6 +34,15 @@ def say(**fields: object) -> None:
 def main() -> None:
     endpoints, run_id, node_id, min_nodes, max_nodes = sys.argv[1:6]
     last_call = float(sys.argv[6]) if len(sys.argv) > 6 else 30.0
+    lease_ttl = int(sys.argv[7]) if len(sys.argv) > 7 else DEFAULT_LEASE_TTL
+    rejoin = threading.Event()
+
+    def commands() -> None:
+        for line in sys.stdin:
+            if line.strip() == "rejoin":
+                rejoin.set()
+
+    threading.Thread(target=commands, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     client = EtcdClient(endpoints)
     rdzv = Rendezvous(
@@ -37,6 +53,7 @@ def main() -> None:
         node_id=node_id,
         last_call_timeout=last_call,
         join_timeout=60.0,
+        lease_ttl=lease_ttl,
     )
     say(event="started", node=node_id)
     try:
@@ -54,8 +71,12 @@ def main() -> None:
                 t=time.time(),
             )
             while True:
-                change = rdzv.wait_for_change(60.0)
+                change = rdzv.wait_for_change(0.1)
                 if change is None:
+                    if rejoin.is_set():
+                        rejoin.clear()
+                        say(event="rejoin", node=node_id, t=time.time())
+                        break
                     continue
                 say(
                     event="change",

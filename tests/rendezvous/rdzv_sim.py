@@ -77,6 +77,7 @@ class World:
                         max_nodes,
                         last_call_timeout=last_call_timeout,
                         fast_quorum=fast_quorum,
+                        probe=f"token-{n}@sim:1",
                     )
                 ),
             )
@@ -144,7 +145,8 @@ class World:
             self._revoke(node)
         elif isinstance(action, m.AcquireLeadership):
             if node.lease and keys.leader not in self.store:
-                self._put(keys.leader, encode(LeaderRecord(node.node_id)), node.node_id)
+                record = LeaderRecord(node.node_id, node.machine.config.probe)
+                self._put(keys.leader, encode(record), node.node_id)
         elif isinstance(action, m.Resync):
             self._resync(node, action.scope)
         elif isinstance(action, m.CommitRound):
@@ -157,6 +159,17 @@ class World:
         elif isinstance(action, m.PutClosed):
             if keys.closed not in self.store:
                 self._put(keys.closed, encode(ClosedRecord(node.node_id)), None)
+        elif isinstance(action, m.ProbeNodes):
+            # The prober's verdict: GONE only for a crashed process (refused connection);
+            # a live or paused one answers or stays silent, and is left to its lease.
+            for target_id, probe in action.targets:
+                target = self.nodes.get(target_id)
+                if target is None or probe != target.machine.config.probe:
+                    raise InvariantError(f"probed {target_id} at a wrong address {probe!r}")
+                if target_id == node.node_id:
+                    raise InvariantError(f"{node.node_id} probed itself")
+                if target.dead and target.lease:
+                    self._revoke(target)
         elif isinstance(action, m.Deliver):
             self._check_assignment(node, action.assignment)
             node.assignments.append(action.assignment)
@@ -306,6 +319,19 @@ class World:
         if not node.dead:
             self._revoke(node)
             node.dead = True
+
+    def crash(self, node_id: str) -> None:
+        """SIGKILL, its lease still running: its keys stay until the lease expires
+        (:meth:`expire_dead`) or a probe finds its process gone."""
+        node = self.nodes[node_id]
+        if node.started:
+            node.dead = True
+
+    def expire_dead(self, node_id: str) -> None:
+        """A crashed node's lease runs out."""
+        node = self.nodes[node_id]
+        if node.dead and node.lease:
+            self._revoke(node)
 
     def expire(self, node_id: str) -> None:
         """The node's lease expires while it is paused; then it resumes."""

@@ -22,7 +22,7 @@ import pytest
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import DEFAULT_LEASE_TTL, Assignment, Rendezvous
-from etcd_rendezvous.rendezvous._records import Keys
+from etcd_rendezvous.rendezvous._records import Keys, LeaderRecord, decode
 from etcd_rendezvous.server import EtcdCluster, EtcdServer
 
 NODE_SCRIPT = str(Path(__file__).with_name("rdzv_node.py"))
@@ -41,6 +41,7 @@ class Node:
         min_n: int,
         max_n: int,
         last_call: float = 30.0,
+        lease_ttl: int = TTL,
     ) -> None:
         self.node_id = node_id
         self.proc = subprocess.Popen(
@@ -50,8 +51,9 @@ class Node:
                 endpoints,
                 run_id,
                 node_id,
-                *map(str, (min_n, max_n, last_call)),
+                *map(str, (min_n, max_n, last_call, lease_ttl)),
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -90,6 +92,12 @@ class Node:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
+    def rejoin(self) -> None:
+        """Ask for a new round now (as torch's agent does when a worker fails)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("rejoin\n")
+        self.proc.stdin.flush()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -103,11 +111,20 @@ def spawn(etcd_server: EtcdServer) -> Iterator[Callable[..., Node]]:
     started: list[Node] = []
 
     def start(
-        node_id: str, min_n: int, max_n: int, endpoints: str | None = None, last_call: float = 30.0
+        node_id: str,
+        min_n: int,
+        max_n: int,
+        endpoints: str | None = None,
+        last_call: float = 30.0,
+        lease_ttl: int = TTL,
     ) -> Node:
-        node = Node(endpoints or etcd_server.endpoint, run_id, node_id, min_n, max_n, last_call)
+        node = Node(
+            endpoints or etcd_server.endpoint, run_id, node_id, min_n, max_n, last_call, lease_ttl
+        )
         started.append(node)
         return node
+
+    start.run_id = run_id  # type: ignore[attr-defined]
 
     yield start
     for node in started:
@@ -282,3 +299,64 @@ def test_wedged_leader_loses_leadership(etcd_server: EtcdServer) -> None:
             r.leave()
         wedged_client.close()
         client.close()
+
+
+# --- liveness probes (issue 5): a dead process is evicted before its lease expires -----
+
+LONG_TTL = 60  # far longer than any wait below: only a probe can explain an early loss
+
+
+def leader_of(etcd_server: EtcdServer, run_id: str) -> str:
+    with etcd_server.get_client() as client:
+        raw = client.get(Keys(run_id).leader)
+    assert raw is not None
+    record = decode(raw.value, key="leader")
+    assert isinstance(record, LeaderRecord)
+    return record.node_id
+
+
+@pytest.mark.parametrize("victim_role", ["member", "leader"])
+def test_probe_evicts_a_killed_node_long_before_its_lease_expires(
+    spawn: Callable[..., Node], etcd_server: EtcdServer, victim_role: str
+) -> None:
+    """With a 60 s lease, the survivors rejoin (their workers saw the peer die) and the
+    next round forms at once: the leader (or, when the leader died, its rejoining
+    members) probed the dead process, found its port closed and revoked its lease."""
+    nodes = [spawn(f"n{i}", 2, 3, lease_ttl=LONG_TTL) for i in range(3)]
+    check_round([n.assigned() for n in nodes])
+    leader = leader_of(etcd_server, spawn.run_id)  # type: ignore[attr-defined]
+    victim = next(n for n in nodes if (n.node_id == leader) == (victim_role == "leader"))
+    survivors = [n for n in nodes if n is not victim]
+    victim.signal(signal.SIGKILL)
+    victim.kill()
+    for node in survivors:
+        node.rejoin()
+    second = [n.assigned(round_=2, timeout=20.0) for n in survivors]
+    check_round(second)
+    assert second[0]["world_size"] == 2
+    assert second[0]["causes"] == ["node_lost"]
+    assert f"{victim.node_id} lost" in second[0]["reason"]
+
+
+def test_probe_leaves_a_paused_node_alone(
+    spawn: Callable[..., Node], etcd_server: EtcdServer
+) -> None:
+    """A SIGSTOPped member's kernel still accepts the probe's connection: it is not
+    evicted; once resumed it rejoins and the round forms with all three."""
+    nodes = [spawn(f"n{i}", 2, 3, lease_ttl=LONG_TTL) for i in range(3)]
+    check_round([n.assigned() for n in nodes])
+    leader = leader_of(etcd_server, spawn.run_id)  # type: ignore[attr-defined]
+    paused = next(n for n in nodes if n.node_id != leader)
+    others = [n for n in nodes if n is not paused]
+    paused.signal(signal.SIGSTOP)
+    for node in others:
+        node.rejoin()
+    time.sleep(3.0)  # probes run within milliseconds of the rejoin; give them time
+    for node in others:
+        with pytest.raises(AssertionError, match="no matching line"):
+            node.assigned(round_=2, timeout=0.5)
+    paused.signal(signal.SIGCONT)
+    paused.rejoin()
+    second = [n.assigned(round_=2, timeout=20.0) for n in nodes]
+    check_round(second)
+    assert second[0]["world_size"] == 3 and second[0]["causes"] == ["rejoined"]

@@ -30,6 +30,20 @@ LEADER_FORMING = st(
     status=StatusRecord(round=0, participants=0, waiting=0, spares=0, leader="a"),
 )
 FULL_STATUS = StatusRecord(round=1, participants=3, waiting=0, spares=1, leader="b")
+ROUND1_ABC = RoundRecord(round=1, members=("a", "b", "c"), leader="a")
+LEADER_REJOINED = st(  # leader a rejoined round 1's end; b and c (probe-able) still run it
+    phase=m.Phase.JOINING,
+    leader="a",
+    round=ROUND1_ABC,
+    round_revision=4,
+    join_deadline=100.0,
+    nodes={
+        "a": m.NodeEntry(seen=1, order=2, probe="ta@ha:1"),
+        "b": m.NodeEntry(seen=0, order=3, probe="tb@hb:2"),
+        "c": m.NodeEntry(seen=0, order=4, probe="tc@hc:3"),
+    },
+)
+REJOINED_STATUS = StatusRecord(round=1, participants=2, waiting=1, spares=0, leader="a")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +195,27 @@ CASES = [
         m.Tick(),
         now=0.5,
     ),
+    # a member rejoined while others still run round 1: the leader probes the late ones
+    Case(
+        "probe-stragglers",
+        dataclasses.replace(LEADER_REJOINED, status=REJOINED_STATUS),
+        m.Tick(),
+        actions=(m.ProbeNodes,),
+    ),
+    # ... and a rejoining member probes a leader that is not itself
+    Case(
+        "probe-leader",
+        st(
+            phase=m.Phase.JOINING,
+            leader="b",
+            leader_probe="tb@hb:2",
+            round=ROUND1,
+            round_revision=4,
+            join_deadline=100.0,
+        ),
+        m.Tick(),
+        actions=(m.ProbeNodes,),
+    ),
 ]
 
 
@@ -323,3 +358,64 @@ def test_stale_round_event_is_ignored() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="min_nodes"):
         m.Config("a", min_nodes=3, max_nodes=2)
+
+
+# --- liveness probes (issue 5) -----------------------------------------------------
+
+
+def test_late_members_are_probed_once_per_round() -> None:
+    machine = m.Machine(CFG)
+    state = dataclasses.replace(LEADER_REJOINED, status=REJOINED_STATUS)
+    state, actions = machine.step(state, m.Tick(), 0.0)
+    probes = [a for a in actions if isinstance(a, m.ProbeNodes)]
+    assert probes == [m.ProbeNodes((("b", "tb@hb:2"), ("c", "tc@hc:3")))]
+    state, actions = machine.step(state, m.Tick(), 0.5)
+    assert not any(isinstance(a, m.ProbeNodes) for a in actions)
+    # b rejoins too: c is still late, but was probed already this round
+    state, actions = machine.step(state, m.NodePut("b", m.NodeEntry(1, 3, probe="tb@hb:2")), 1.0)
+    assert not any(isinstance(a, m.ProbeNodes) for a in actions)
+    # the probe found c's process gone: its key vanishes, the fast quorum commits round 2
+    state, actions = machine.step(state, m.NodeDeleted("c"), 1.1)
+    commits = [a for a in actions if isinstance(a, m.CommitRound)]
+    assert len(commits) == 1 and commits[0].record.members == ("a", "b")
+    assert commits[0].record.lost == ("c",)
+    state, _ = machine.step(state, m.RoundCommitted(commits[0].record, 9), 1.2)
+    assert state.probed == frozenset()  # a new round: late members are probed again
+
+
+def test_no_probe_before_anyone_rejoined_nor_of_nodes_without_an_address() -> None:
+    machine = m.Machine(CFG)
+    running = dataclasses.replace(
+        LEADER_REJOINED,
+        phase=m.Phase.MEMBER,
+        nodes={**LEADER_REJOINED.nodes, "a": m.NodeEntry(seen=0, order=2, probe="ta@ha:1")},  # type: ignore[dict-item]
+    )
+    _, actions = machine.step(running, m.Tick(), 0.0)
+    assert not any(isinstance(a, m.ProbeNodes) for a in actions)
+    silent = dataclasses.replace(
+        LEADER_REJOINED,
+        status=REJOINED_STATUS,
+        nodes={n: dataclasses.replace(e, probe="") for n, e in LEADER_REJOINED.nodes.items()},  # type: ignore[union-attr]
+    )
+    _, actions = machine.step(silent, m.Tick(), 0.0)
+    assert not any(isinstance(a, m.ProbeNodes) for a in actions)
+
+
+def test_a_new_node_does_not_probe_the_leader_and_the_leader_not_itself() -> None:
+    machine = m.Machine(CFG)
+    newcomer = st(phase=m.Phase.IDLE, leader="b", leader_probe="tb@hb:2", round=ROUND1_FULL)
+    _, actions = machine.step(newcomer, m.Join(5.0), 0.0)
+    assert [type(a) for a in actions] == [m.PutNode]  # not a member of round 1: no probe
+    leader = st(phase=m.Phase.MEMBER, leader="a", leader_probe="ta@ha:1", round=ROUND1)
+    _, actions = machine.step(leader, m.Join(5.0), 0.0)
+    assert not any(isinstance(a, m.ProbeNodes) for a in actions)
+
+
+def test_the_join_and_the_leader_key_carry_the_probe_address() -> None:
+    cfg = dataclasses.replace(CFG, probe="ta@ha:1")
+    machine = m.Machine(cfg)
+    _, actions = machine.step(st(), m.Join(5.0), 0.0)
+    assert actions == [m.PutNode(NodeRecord("a", seen=0, probe="ta@ha:1"))]
+    state = st(phase=m.Phase.JOINING, leader="b", leader_probe="tb@hb:2")
+    state, _ = machine.step(state, m.LeaderChanged("c", "tc@hc:3"), 0.0)
+    assert (state.leader, state.leader_probe) == ("c", "tc@hc:3")

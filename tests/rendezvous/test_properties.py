@@ -140,6 +140,8 @@ fault_op = st.one_of(
     st.tuples(st.just("restart"), st.sampled_from(NODES)),
     st.tuples(st.just("leave"), st.sampled_from(NODES)),
     st.tuples(st.just("rejoin"), st.sampled_from(NODES)),
+    st.tuples(st.just("crash"), st.sampled_from(NODES)),
+    st.tuples(st.just("expire_dead"), st.sampled_from(NODES)),
     st.tuples(st.just("agents"), st.just(0)),
 )
 
@@ -164,7 +166,7 @@ def run_faults(world: rdzv_sim.World, ops: list[tuple[str, object]]) -> None:
             for node in world.live():
                 if node.state.phase is m.Phase.MEMBER and world._should_rejoin(node):
                     world.start(node.node_id)
-        elif name in ("pause", "expire_paused", "resume", "restart"):
+        elif name in ("pause", "expire_paused", "resume", "restart", "crash", "expire_dead"):
             getattr(world, name)(str(arg))
         else:
             run(world, [(name, arg)])
@@ -186,6 +188,7 @@ def test_fast_quorum_never_splits_the_brain(
     run_faults(world, ops)
     for node_id in NODES:
         world.resume(node_id)
+        world.expire_dead(node_id)  # a crashed node's lease runs out in the end
     world.settle()
     world.check_lists()
     latest = world.commits.get(max(world.commits, default=0))

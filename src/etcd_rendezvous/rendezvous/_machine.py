@@ -68,6 +68,12 @@ the node ids sorted).
 Liveness and restarts: a node's lease expiring (SIGKILL, pause beyond the TTL)
 deletes its key; the leader sees the watch event and publishes the member as lost in
 ``ctl/status``, which every node watches: that is the membership-change notification.
+Probes (issue 5, ``_probe.py``) catch a dead process before its lease does: node and
+leader keys carry ``probe`` (where the node's process answers), and once a member of
+round ``R`` has rejoined, the leader probes the members still in ``R``
+(``ProbeNodes``, row ``probe-stragglers``) and a rejoining member probes the leader
+(``probe-leader``), once per round each; the executor revokes the lease of a process
+found gone, which deletes its keys as an expiry would.
 A ``leave()`` marks the key, then revokes the lease (same effect, at once). A
 node that restarts under a new id is a new node (like torch: the old one simply
 expires); restarted under the same ``node_id``, the engine revokes the stale lease
@@ -121,6 +127,7 @@ class Config:
     last_call_timeout: float = 30.0
     fast_quorum: bool = True
     status_interval: float = 0.05
+    probe: str = ""  # where this node's process answers liveness probes ("": none)
 
     def __post_init__(self) -> None:
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
@@ -140,6 +147,7 @@ class NodeEntry:
     order: int
     data: Mapping[str, str] = field(default_factory=dict)
     left: bool = False  # the node is leaving cleanly (its key goes with the revoke)
+    probe: str = ""  # where its process answers liveness probes (see _probe.py)
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,7 @@ class Snapshot:
     closed: bool
     leader: str | None
     nodes: Mapping[str, NodeEntry] | None
+    leader_probe: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,6 +281,7 @@ class ClosedSeen:
 @dataclass(frozen=True)
 class LeaderChanged:
     holder: str | None
+    probe: str = ""  # where the holder's process answers liveness probes
 
 
 @dataclass(frozen=True)
@@ -344,6 +354,13 @@ class PutClosed:
 
 
 @dataclass(frozen=True)
+class ProbeNodes:
+    """Probe the processes of these late members (``(node_id, probe)``); evict the dead."""
+
+    targets: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class Deliver:
     assignment: Assignment
 
@@ -368,6 +385,7 @@ Action = (
     | CommitRound
     | PublishStatus
     | PutClosed
+    | ProbeNodes
     | Deliver
     | Fail
     | Notify
@@ -392,6 +410,7 @@ class State:
     status: StatusRecord | None = None
     closed: bool = False
     leader: str | None = None
+    leader_probe: str = ""
     nodes: Mapping[str, NodeEntry] | None = None  # the full view (leader only)
     # leader bookkeeping
     min_reached_at: float | None = None
@@ -400,6 +419,7 @@ class State:
     published_at: float = -math.inf
     departed: frozenset[str] = frozenset()  # nodes seen leaving cleanly (their key marked)
     collect_known: frozenset[str] | None = None  # pending when the last round stopped running
+    probed: frozenset[str] = frozenset()  # late members of the last round already probed
 
     @property
     def round_number(self) -> int:
@@ -640,7 +660,9 @@ def _nothing(cfg: Config, state: State, event: Event, now: float) -> tuple[State
 def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
     if not isinstance(event, Join):
         raise TypeError(event)
-    record = NodeRecord(node_id=cfg.node_id, seen=state.round_number, data=event.data)
+    record = NodeRecord(
+        node_id=cfg.node_id, seen=state.round_number, data=event.data, probe=cfg.probe
+    )
     state = replace(
         state,
         join_deadline=event.deadline,
@@ -695,7 +717,9 @@ def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, 
     actions: list[Action] = []
     if state.phase in (Phase.JOINING, Phase.MEMBER):  # we have a key: say we leave
         seen = state.round_number
-        farewell = NodeRecord(node_id=cfg.node_id, seen=seen, data=state.join_data, left=True)
+        farewell = NodeRecord(
+            node_id=cfg.node_id, seen=seen, data=state.join_data, left=True, probe=cfg.probe
+        )
         if _is_leader(cfg, state) and state.nodes is not None and cfg.node_id in state.nodes:
             # the next leader cannot see our mark (our key goes with us): say it in the status
             gone = replace(
@@ -922,6 +946,59 @@ def _bookkeeping_due(cfg: Config, state: State, event: Event, now: float) -> boo
     return not (reached_ok and known_ok)
 
 
+def _stragglers(cfg: Config, state: State) -> tuple[tuple[str, str], ...]:
+    """Members of the running round still in it while another member has rejoined,
+    with a probe address and not probed yet: ``(node_id, probe)`` (leader only)."""
+    view = _view(cfg, state)
+    if view is None or not view.running or state.round is None or state.nodes is None:
+        return ()
+    members = state.round.members
+    if not any(n in members for n in view.pending):
+        return ()  # nobody asked for a new round yet: nothing waits on the late ones
+    nodes = state.nodes
+    return tuple(
+        (n, nodes[n].probe)
+        for n in view.participants
+        if n != cfg.node_id and nodes[n].probe and n not in state.probed
+    )
+
+
+def _leader_late(cfg: Config, state: State, event: Event, now: float) -> bool:
+    """We rejoined (a member of the last round, asking for the next) and another node
+    leads: probe it once per round, as the leader probes late members -- a dead leader
+    would otherwise hold the round until its leader lease expires."""
+    leader = state.leader
+    return (
+        leader is not None
+        and leader != cfg.node_id
+        and bool(state.leader_probe)
+        and leader not in state.probed
+        and state.round is not None
+        and cfg.node_id in state.round.members
+    )
+
+
+def _probe_leader(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    leader = state.leader or ""
+    return replace(state, probed=state.probed | {leader}), [
+        ProbeNodes(((leader, state.leader_probe),))
+    ]
+
+
+def _probe_due(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return bool(_stragglers(cfg, state))
+
+
+def _probe(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """Probe the late members once per round: a dead process is evicted (its lease
+    revoked) at once instead of a TTL later; a live or paused one is left alone."""
+    targets = _stragglers(cfg, state)
+    probed = state.probed | {node_id for node_id, _ in targets}
+    return replace(state, probed=probed), [ProbeNodes(targets)]
+
+
 # --- the table ------------------------------------------------------------------------
 
 ANY = frozenset(Phase)
@@ -1000,6 +1077,8 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("spare", _p(JOINING), Evaluate, _became_spare, None, _mark_spare),
     Row("spare-promoted", _p(JOINING), Evaluate, _spare_promoted, None, _promote_spare),
     Row("commit", ACTIVE, Evaluate, _commit_due, None, _commit),
+    Row("probe-stragglers", ACTIVE, Evaluate, _probe_due, None, _probe),
+    Row("probe-leader", _p(JOINING), Evaluate, _leader_late, None, _probe_leader),
     Row("publish-status", ACTIVE, Evaluate, _status_due, None, _publish),
     Row("last-call-clock", ACTIVE, Evaluate, _bookkeeping_due, None, _track_last_call),
     Row("evaluate", ANY, Evaluate, _always, None, _nothing),
@@ -1029,13 +1108,14 @@ def _observe(state: State, event: Event) -> State:
             round_revision=event.revision,
             departed=frozenset(n for n in state.departed if n in event.record.members),
             collect_known=None,
+            probed=frozenset(),
         )
     if isinstance(event, StatusChanged):
         return replace(state, status=event.record)
     if isinstance(event, ClosedSeen):
         return replace(state, closed=True)
     if isinstance(event, LeaderChanged):
-        return replace(state, leader=event.holder)
+        return replace(state, leader=event.holder, leader_probe=event.probe)
     return state
 
 
@@ -1161,7 +1241,7 @@ class Machine:
         if event.closed and not state.closed:
             derived.append(ClosedSeen())
         if event.leader != state.leader or event.leader is None:
-            derived.append(LeaderChanged(event.leader))
+            derived.append(LeaderChanged(event.leader, event.leader_probe))
         for sub in derived:
             if (
                 isinstance(sub, LeaderChanged)
@@ -1170,7 +1250,7 @@ class Machine:
                 and state.phase in ACTIVE
             ):
                 # a full read while we lead: this is the view we need, no resync
-                state = replace(state, leader=sub.holder)
+                state = replace(state, leader=sub.holder, leader_probe=sub.probe)
                 continue
             state, more = self._apply(state, sub, now)
             actions.extend(more)

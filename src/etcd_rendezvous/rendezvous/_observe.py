@@ -52,7 +52,10 @@ def key_event(
                 key=key,
             )
         return NodePut(
-            node_id, NodeEntry(record.seen, create_revision, record.data, left=record.left)
+            node_id,
+            NodeEntry(
+                record.seen, create_revision, record.data, left=record.left, probe=record.probe
+            ),
         )
     if key == keys.round:
         if value is None:
@@ -74,7 +77,8 @@ def key_event(
     if key == keys.leader:
         if value is None:
             return LeaderChanged(None)
-        return LeaderChanged(decode_as(LeaderRecord, value, key=key, run_id=run_id).node_id)
+        leader = decode_as(LeaderRecord, value, key=key, run_id=run_id)
+        return LeaderChanged(leader.node_id, leader.probe)
     raise RendezvousStateError(
         f"unexpected key {key!r} under the rendezvous prefix {keys.root!r}",
         run_id=run_id,
@@ -95,6 +99,7 @@ def snapshot(
     status: StatusRecord | None = None
     closed = False
     leader: str | None = None
+    leader_probe = ""
     nodes: dict[str, NodeEntry] | None = {} if with_nodes else None
     for key, value, create_revision, mod_revision in kvs:
         event = key_event(
@@ -110,7 +115,7 @@ def snapshot(
         elif isinstance(event, ClosedSeen):
             closed = True
         elif isinstance(event, LeaderChanged):
-            leader = event.holder
+            leader, leader_probe = event.holder, event.probe
     return Snapshot(
         revision=revision,
         round=round_,
@@ -119,4 +124,5 @@ def snapshot(
         closed=closed,
         leader=leader,
         nodes=nodes,
+        leader_probe=leader_probe,
     )

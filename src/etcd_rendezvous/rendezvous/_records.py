@@ -101,6 +101,7 @@ class NodeRecord:
     seen: int
     data: Mapping[str, str] = field(default_factory=dict)
     left: bool = False  # written just before a clean leave revokes the lease
+    probe: str = ""  # token@host:port of the node's process (see _probe.py); "" if none
 
 
 class Cause:
@@ -175,6 +176,7 @@ class ConfigRecord:
 @dataclass(frozen=True)
 class LeaderRecord:
     node_id: str
+    probe: str = ""  # token@host:port of the leader's process (see _probe.py); "" if none
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ def encode(record: Record) -> bytes:
         body: dict[str, Any] = {"node": record.node_id, "seen": record.seen, "data": record.data}
         if record.left:
             body["left"] = True
+        if record.probe:
+            body["probe"] = record.probe
         return _dump("node", body)
     if isinstance(record, RoundRecord):
         return _dump(
@@ -245,7 +249,10 @@ def encode(record: Record) -> bytes:
             },
         )
     if isinstance(record, LeaderRecord):
-        return _dump("leader", {"node": record.node_id})
+        leader: dict[str, Any] = {"node": record.node_id}
+        if record.probe:
+            leader["probe"] = record.probe
+        return _dump("leader", leader)
     return _dump("closed", {"by": record.by, "time": record.time})
 
 
@@ -333,6 +340,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             seen=fields.integer("seen"),
             data=fields.str_map(obj.get("data", {}), "field 'data'"),
             left=fields.boolean("left", False),
+            probe=fields.string("probe", ""),
         )
     if kind == "round":
         members = fields.str_list("members")
@@ -380,7 +388,10 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             time=fields.string("time", ""),
         )
     if kind == "leader":
-        return LeaderRecord(node_id=fields.node_id(obj.get("node"), "field 'node'"))
+        return LeaderRecord(
+            node_id=fields.node_id(obj.get("node"), "field 'node'"),
+            probe=fields.string("probe", ""),
+        )
     if kind == "closed":
         return ClosedRecord(by=fields.string("by", ""), time=fields.string("time", ""))
     raise fields.error(f"unknown kind {kind!r}")

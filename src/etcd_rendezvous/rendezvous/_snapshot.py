@@ -287,7 +287,9 @@ def build_snapshot(
             problems.append(Problem(key, str(exc)))
 
     entries = {
-        node_id: NodeEntry(record.seen, kv.create_revision, record.data, left=record.left)
+        node_id: NodeEntry(
+            record.seen, kv.create_revision, record.data, left=record.left, probe=record.probe
+        )
         for node_id, (record, kv) in raw_nodes.items()
     }
     view = derive_view(round_, entries)

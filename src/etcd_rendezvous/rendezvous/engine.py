@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -40,6 +41,7 @@ from etcd_rendezvous.errors import (
     EtcdUnavailableError,
 )
 from etcd_rendezvous.rendezvous import _machine as m
+from etcd_rendezvous.rendezvous import _probe
 from etcd_rendezvous.rendezvous._errors import (
     RendezvousClosedError,
     RendezvousConfigError,
@@ -61,6 +63,7 @@ from etcd_rendezvous.rendezvous._records import (
     StatusRecord,
     check_node_id,
     check_run_id,
+    decode,
     decode_as,
     encode,
 )
@@ -138,7 +141,12 @@ class Rendezvous:
     (default ``lease_ttl / 6``). ``fast_quorum`` (default on) completes a
     re-rendezvous as soon as every live member of the previous round has rejoined,
     instead of waiting out the last call (which still applies to the first round and
-    when new nodes arrive meanwhile).
+    when new nodes arrive meanwhile). ``probe`` (default on) makes this process answer
+    liveness probes on one TCP port, published with the node as
+    ``token@probe_host:port`` (``probe_host`` defaults to the host name): when members
+    rejoin and others have not, the leader probes the late ones and revokes the lease of
+    any whose process is gone, so a SIGKILLed node costs no lease TTL; a paused or
+    unreachable one is left to its lease (see ``_probe.py``).
 
     Defaults, and why (issue 5): ``lease_ttl=3`` with a keep-alive every 0.5 s. A
     SIGKILLed node's key vanishes 3-3.5 s after its last keep-alive (the TTL, plus up
@@ -173,6 +181,8 @@ class Rendezvous:
         clock: Callable[[], float] = time.monotonic,
         retry: Retry | None = None,
         keepalive_interval: float | None = None,
+        probe: bool = True,
+        probe_host: str | None = None,
     ) -> None:
         if join_timeout <= 0 or close_timeout <= 0:
             raise ValueError("join_timeout and close_timeout must be positive")
@@ -187,12 +197,14 @@ class Rendezvous:
             )
         self.run_id = check_run_id(run_id)
         self.node_id = check_node_id(node_id or default_node_id())
+        self.probe = _probe.listener().address(probe_host or socket.gethostname()) if probe else ""
         self.config = m.Config(
             self.node_id,
             min_nodes,
             max_nodes,
             last_call_timeout=last_call_timeout,
             fast_quorum=fast_quorum,
+            probe=self.probe,
         )
         self.keys = Keys(run_id, key_prefix)
         self.join_timeout = join_timeout
@@ -714,6 +726,12 @@ class Rendezvous:
             self._do(action)
 
     def _feed_batch(self, events: list[m.Event]) -> None:
+        prober = _probe.prober()
+        for event in events:  # verify probe addresses in the background, before need
+            if isinstance(event, m.NodePut) and event.entry.probe not in ("", self.probe):
+                prober.learn(event.entry.probe)
+            elif isinstance(event, m.LeaderChanged) and event.probe and event.probe != self.probe:
+                prober.learn(event.probe)
         self._state, actions = self._machine.step_batch(self._state, events, self._clock())
         for action in actions:
             self._do(action)
@@ -758,6 +776,10 @@ class Rendezvous:
                 )
         elif isinstance(action, m.PutClosed):
             self._put_closed()
+        elif isinstance(action, m.ProbeNodes):
+            prober = _probe.prober()
+            for node_id, probe in action.targets:
+                prober.submit(probe, functools.partial(self._probed, node_id, probe))
         elif isinstance(action, m.Deliver):
             self._result = action.assignment
             log.info(
@@ -779,6 +801,45 @@ class Rendezvous:
             self._changes.append(action.change)
             self._outbox.append(action.change)
         self._cond.notify_all()
+
+    def _probed(self, node_id: str, probe: str, verdict: _probe.Verdict) -> None:
+        """A late member's (or the leader's) probe came back, on a prober thread: if its
+        process is gone, revoke the leases of its node key and of any leadership it holds
+        (each only if the key still carries that process's probe: not a new incarnation)."""
+        if verdict is not _probe.Verdict.GONE or self._stopping.is_set():
+            log.debug("node %s: probe of %s: %s", self.node_id, node_id, verdict.value)
+            return
+        try:
+            leases: list[int] = []
+            for key in (self.keys.node(node_id), self.keys.leader):
+                with self._slots():
+                    response = self._client.range(key)
+                if not response.kvs or not response.kvs[0].lease:
+                    continue
+                kv = response.kvs[0]
+                record = decode(kv.value, key=key, run_id=self.run_id)
+                if (
+                    isinstance(record, NodeRecord | LeaderRecord)
+                    and record.node_id == node_id
+                    and record.probe == probe
+                ):
+                    leases.append(kv.lease)
+            if not leases:
+                return
+            log.info(
+                "rendezvous %s: node %s is gone (its process no longer listens at %s); "
+                "revoking its lease%s %s",
+                self.run_id,
+                node_id,
+                probe.partition("@")[2],
+                "s" if len(leases) > 1 else "",
+                ", ".join(f"{lease:x}" for lease in leases),
+            )
+            for lease in leases:
+                with self._slots(), contextlib.suppress(EtcdLeaseNotFoundError):
+                    self._client.lease_revoke(lease)
+        except (EtcdClientError, RendezvousError) as exc:
+            log.warning("node %s: could not evict dead node %s: %s", self.node_id, node_id, exc)
 
     def _farewell(self, record: NodeRecord, lease_id: int) -> None:
         """Mark our key as leaving (one guarded put), so that the leader tells a clean
@@ -810,7 +871,7 @@ class Rendezvous:
         response = self._etcd(
             self._client.txn,
             [Compare.create_revision(keys.leader, "==", 0)],
-            [Op.put(keys.leader, encode(LeaderRecord(self.node_id)), lease=lease.id)],
+            [Op.put(keys.leader, encode(LeaderRecord(self.node_id, self.probe)), lease=lease.id)],
         )
         if response.succeeded:
             if hub is not None:
@@ -918,6 +979,10 @@ class Rendezvous:
             for kv in response.kvs
         ]
         snap = snapshot(self.keys, response.revision, kvs, with_nodes=scope is m.Scope.ALL)
+        prober = _probe.prober()  # verify probe addresses in the background, before need
+        for probe in [e.probe for e in (snap.nodes or {}).values()] + [snap.leader_probe]:
+            if probe and probe != self.probe:
+                prober.learn(probe)
         self._floor = self._rev = response.revision
         if scope is m.Scope.ALL:
             stale = next(

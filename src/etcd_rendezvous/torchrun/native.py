@@ -11,6 +11,11 @@ Same ``--rdzv-endpoint`` and embedded default as the torch-dynamic ``etcd-v3-dyn
 ``fast_quorum``            ``false`` to wait out the last call on every
                            re-rendezvous (default ``true``: a round completes as
                            soon as every live member of the previous one rejoined)
+``probe``                  ``false`` to turn off liveness probes (default ``true``:
+                           the agent listens on one TCP port; when members rejoin,
+                           the leader probes the late ones and evicts a dead
+                           process at once instead of a lease TTL later; see
+                           :mod:`etcd_rendezvous.rendezvous._probe`)
 =========================  =====================================================
 
 Options of torch's dynamic rendezvous with no meaning here are mapped or ignored with
@@ -85,7 +90,7 @@ log = logging.getLogger(__name__)
 _agent_log = logging.getLogger("torch.distributed.elastic.rendezvous.etcd_v3")
 
 #: Options of this handler on top of the torch-dynamic plugin's.
-NATIVE_OPTIONS = frozenset({"lease_ttl", "fast_quorum"})
+NATIVE_OPTIONS = frozenset({"lease_ttl", "fast_quorum", "probe"})
 #: torch-dynamic options that mean nothing to the native engine (ignored with a warning).
 _IGNORED = {
     "keep_alive_interval": "the engine refreshes its lease every lease_ttl/6 seconds",
@@ -386,15 +391,14 @@ def _lease_ttl(params: RendezvousParameters, ours: dict[str, Any], opts: EtcdV3O
     return engine.DEFAULT_LEASE_TTL
 
 
-def _fast_quorum(params: RendezvousParameters, ours: dict[str, Any]) -> bool:
-    if "fast_quorum" not in ours:
+def _switch(params: RendezvousParameters, ours: dict[str, Any], name: str) -> bool:
+    """A true/false native option (default true)."""
+    if name not in ours:
         return True
     try:
-        value = params.get_as_bool("fast_quorum")
+        value = params.get_as_bool(name)
     except ValueError:
-        raise OptionError(
-            f"--rdzv-conf fast_quorum={ours['fast_quorum']!r}: expected true or false"
-        ) from None
+        raise OptionError(f"--rdzv-conf {name}={ours[name]!r}: expected true or false") from None
     return True if value is None else value
 
 
@@ -422,7 +426,8 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
     except ValueError as exc:
         raise OptionError(f"--rdzv-id {params.run_id!r}: {exc}") from exc
     lease_ttl = _lease_ttl(params, ours, opts)
-    fast_quorum = _fast_quorum(params, ours)
+    fast_quorum = _switch(params, ours, "fast_quorum")
+    probe = _switch(params, ours, "probe")
     for key, why in _IGNORED.items():
         if key in params.config:
             _agent_log.warning(
@@ -454,17 +459,20 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
             lease_ttl=lease_ttl,
             key_prefix=key_prefix,
             fast_quorum=fast_quorum,
+            probe=probe,
+            probe_host=addr,
         )
     except BaseException:
         store.close()
         _clients.release(client)
         raise
     log.info(
-        "rendezvous %s: node %s, lease_ttl=%ds, fast_quorum=%s",
+        "rendezvous %s: node %s, lease_ttl=%ds, fast_quorum=%s, probe=%s",
         params.run_id,
         rdzv.node_id,
         lease_ttl,
         fast_quorum,
+        rdzv.probe.partition("@")[2] or "off",
     )
     return NativeRendezvousHandler(
         rdzv,
