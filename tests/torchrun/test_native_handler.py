@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from etcd_rendezvous.client import EtcdClient
-from etcd_rendezvous.rendezvous import Assignment
+from etcd_rendezvous.rendezvous import Assignment, _probe
 from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun import _clients
 from etcd_rendezvous.torchrun.native import (
@@ -238,6 +238,17 @@ def test_lease_ttl_and_heartbeat_mapping(
     assert "keep_alive_interval=1 is ignored" in caplog.text
 
 
+def test_probe_address_is_the_agents_and_probe_false_turns_it_off(
+    make_handler: Callable[..., NativeRendezvousHandler],
+) -> None:
+    h = make_handler(run_id(), 1)
+    token, host, port = _probe.parse_probe(h.rendezvous.probe)
+    assert host == "127.0.0.1" and port == _probe.listener().port  # torch's local_addr
+    assert token == _probe.listener().token
+    off = make_handler(run_id(), 1, probe="false")
+    assert off.rendezvous.probe == "" and off.rendezvous.config.probe == ""
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -245,6 +256,7 @@ def test_lease_ttl_and_heartbeat_mapping(
         ({"lease_ttl": "soon"}, "lease_ttl='soon'"),
         ({"lease_ttl": "0"}, "lease_ttl='0': must be at least 1"),
         ({"fast_quorum": "maybe"}, "fast_quorum='maybe'"),
+        ({"probe": "sometimes"}, "probe='sometimes'"),
         ({"join_timeout": "-3"}, "join_timeout='-3'"),
         ({"protocol": "gopher"}, "protocol='gopher'"),
     ],
