@@ -17,7 +17,7 @@
     ``num_nodes_waiting() > 0`` or, for torch's dynamic handler (which only drops a dead
     node from its participants and does not count it as waiting), fewer participants.
 
-BACKEND: ``etcd-v3-native`` (the native engine through its torch handler, or the engine's
+BACKEND: ``etcd-v3`` (the native engine through its torch handler, or the engine's
 ``Rendezvous`` directly, ``engine``, when the handler does not import), ``etcd-v3-dynamic``
 (torch's DynamicRendezvousHandler on our v3 backend), ``c10d``, ``etcd-v2``.
 """
@@ -42,7 +42,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from etcd_rendezvous.client import EtcdClient, Watch
 
-NATIVE = "etcd-v3-native"
+NATIVE = "etcd-v3"
 DYNAMIC = "etcd-v3-dynamic"
 
 

@@ -2,8 +2,8 @@
 
 Backends, all created through torch's handler API (``RendezvousHandler``):
 
-- ``etcd-v3-native``: our native engine through its torch handler (``etcd-v3-native``
-  entry point); the engine's ``Rendezvous`` directly if that handler does not import
+- ``etcd-v3``: our native engine through its torch handler (the ``etcd-v3`` entry
+  point); the engine's ``Rendezvous`` directly if that handler does not import
   (the tables then say ``engine``);
 - ``etcd-v3-dynamic``: torch's ``DynamicRendezvousHandler`` on our etcd v3 backend;
 - torch's ``c10d`` (TCPStore hosted by the first handler) and ``etcd-v2`` (python-etcd).
@@ -59,7 +59,7 @@ HARNESS = HERE / "_rdzv_harness.py"
 RESULTS = HERE / "results" / "rendezvous.json"
 PLOT = HERE.parent / "docs" / "rendezvous.png"
 
-NATIVE = "etcd-v3-native"
+NATIVE = "etcd-v3"
 DYNAMIC = "etcd-v3-dynamic"
 BACKENDS = (NATIVE, DYNAMIC, "c10d", "etcd-v2")
 DETECT_BACKENDS = (NATIVE, DYNAMIC, "c10d")
@@ -223,14 +223,15 @@ def scale_tables(
     results: dict[str, dict[int, list[Case]]],
     skipped: dict[str, dict[int, int]],
     bound: float,
+    repeats: int = 3,
 ) -> str:
     native_mode = next((c.mode for cs in results.get(NATIVE, {}).values() for c in cs), "handler")
     native_label = NATIVE if native_mode == "handler" else f"{NATIVE} (engine, no handler)"
     labels = [native_label if b == NATIVE else b for b in backends]
     ratio_to = [b for b in ("c10d", "etcd-v2") if b in backends and NATIVE in backends]
     out = [
-        "Time until every node has its rank (median of 3 runs for N <= 64, 1 run above; "
-        f"bound {bound:.0f} s)\n",
+        f"Time until every node has its rank (median of {repeats} runs for N <= 64, 1 run "
+        f"above; bound {bound:.0f} s)\n",
         "| N | " + " | ".join(labels) + "".join(f" | native / {b}" for b in ratio_to) + " |",
         "|---:" * (1 + len(labels) + len(ratio_to)) + "|",
     ]
@@ -416,7 +417,7 @@ def main() -> None:
                     print(f"  {b:16s}: {shown} ({d.how})", flush=True)
 
     print()
-    tables = scale_tables(sizes, backends, results, skipped, args.timeout)
+    tables = scale_tables(sizes, backends, results, skipped, args.timeout, args.repeats)
     print(tables)
     if detections:
         print()
