@@ -13,7 +13,9 @@ engine), torch's ``c10d``, ``etcd`` and
 ``EtcdServer`` with ``--enable-v2``). Every setting is the default (torch's, and our
 engine's), except ``--monitor-interval`` left at torch's default too. Each run is
 bounded (``--bound``, default 120 s); a run that does not recover within it counts as
-not recovered. Prints a markdown table: median recovery, min-max, runs recovered.
+not recovered. Prints a markdown table: median recovery over every run (one that did not
+recover counts as longer than the bound), min-max of the recovered runs, runs recovered
+and finished, and the ratio of our median to each baseline's.
 
     python benchmarks/recovery.py [--runs 5] [--bound 120] [--backends a,b,...] [--binary PATH]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -196,19 +199,38 @@ def one_run(backend: str, etcd_endpoint: str, bound: float) -> Run:
 
 
 def table(runs: list[Run], backends: list[str], bound: float) -> str:
+    """Markdown: per backend the median over every run (a run that did not recover counts
+    as longer than the bound), min-max of the recovered runs, and ours / theirs."""
+    ours = BACKENDS[0]
+
+    def median(backend: str) -> float:
+        times = [
+            r.recovery if r.recovery is not None else math.inf for r in runs if r.backend == backend
+        ]
+        return statistics.median(times) if times else math.nan
+
+    mine = median(ours) if ours in backends else math.nan
     lines = [
-        "| backend | median recovery (s) | min - max (s) | recovered | finished |",
-        "|---|---:|---:|---:|---:|",
+        "| backend | median recovery (s) | min - max (s) | recovered | finished "
+        f"| {ours} / backend |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for backend in backends:
-        mine = [r for r in runs if r.backend == backend]
-        times = [r.recovery for r in mine if r.recovery is not None]
-        median = f"{statistics.median(times):.1f}" if times else f"> {bound:.0f}"
+        theirs = [r for r in runs if r.backend == backend]
+        times = [r.recovery for r in theirs if r.recovery is not None]
+        mid = median(backend)
+        shown = f"{mid:.1f}" if math.isfinite(mid) else f"> {bound:.0f}"
         spread = f"{min(times):.1f} - {max(times):.1f}" if times else "-"
-        finished = sum(r.finished for r in mine)
+        finished = sum(r.finished for r in theirs)
+        if backend == ours or math.isnan(mine) or math.isnan(mid):
+            ratio = "-"
+        elif math.isinf(mid):
+            ratio = f"< {mine / bound:.3f}" if math.isfinite(mine) else "-"
+        else:
+            ratio = f"{mine / mid:.3f}" if math.isfinite(mine) else "> 1"
         lines.append(
-            f"| {backend} | {median} | {spread} | {len(times)}/{len(mine)} | "
-            f"{finished}/{len(mine)} |"
+            f"| {backend} | {shown} | {spread} | {len(times)}/{len(theirs)} | "
+            f"{finished}/{len(theirs)} | {ratio} |"
         )
     return "\n".join(lines)
 
