@@ -12,11 +12,14 @@ still running fails the run (and is stopped), so leaks are noticed, not inherite
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from etcd_rendezvous.server import EtcdBinary, find_etcd_binary, list_etcd_binaries
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.server import EtcdBinary, EtcdServer, find_etcd_binary, list_etcd_binaries
 from etcd_rendezvous.server._binary import etcd_version
 from etcd_rendezvous.server._process import live_processes
 
@@ -62,6 +65,16 @@ def etcd_binary(request: pytest.FixtureRequest) -> str:
         return find_etcd_binary(request.config.getoption("--etcd-binary"))
     except Exception as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def key_prefix(etcd_server: EtcdServer) -> Iterator[str]:
+    """A fresh rendezvous ``key_prefix``; its keys and its store's are deleted afterwards."""
+    prefix = f"/pytest-rdzv-{uuid.uuid4().hex}"
+    yield prefix
+    with EtcdClient(etcd_server.endpoint) as client:
+        client.delete(prefix + "/", prefix=True)
+        client.delete(prefix + "-store/", prefix=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

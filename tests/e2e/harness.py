@@ -160,6 +160,16 @@ class Torchrun:
                 )
             time.sleep(0.05)
 
+    def finished_results(self, nodes: list[int], timeout: float) -> list[str]:
+        """The RESULT lines of ``nodes`` once each exited 0 (else fail, with its log)."""
+        results: list[str] = []
+        for i in nodes:
+            node = self.nodes[i]
+            code = node.wait(timeout)
+            assert code == 0, f"node {i} exited {code}; log:\n{node.log()[-4000:]}"
+            results += node.results()
+        return results
+
     def cleanup(self) -> None:
         for node in self.nodes:
             kill_tagged(node.tag)

@@ -78,13 +78,7 @@ def start(
 
 
 def results_of(torchrun: Torchrun, nodes: list[int], timeout: float = FINISH) -> list[str]:
-    results: list[str] = []
-    for i in nodes:
-        node = torchrun.nodes[i]
-        code = node.wait(timeout)
-        assert code == 0, f"node {i} exited {code}; log:\n{node.log()[-4000:]}"
-        results += node.results()
-    return results
+    return torchrun.finished_results(nodes, timeout)
 
 
 def assert_world(results: list[str], world: int) -> None:

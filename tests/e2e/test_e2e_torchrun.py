@@ -95,16 +95,6 @@ def assert_ranks(results: list[str], world: int) -> None:
     assert all(f"world={world} " in r for r in results), results
 
 
-def finished_results(torchrun: Torchrun, nodes: list[int], timeout: float) -> list[str]:
-    results: list[str] = []
-    for i in nodes:
-        node = torchrun.nodes[i]
-        code = node.wait(timeout)
-        assert code == 0, f"node {i} exited {code}; log:\n{node.log()[-4000:]}"
-        results += node.results()
-    return results
-
-
 @pytest.mark.parametrize("nnodes", [2, 3])
 def test_static_world(
     torchrun: Torchrun, etcd_server: EtcdServer, run_id: str, backend: Backend, nnodes: int
@@ -113,7 +103,7 @@ def test_static_world(
     conf = "" if nnodes == 2 else "last_call_timeout=1"
     for _ in range(nnodes):
         start(torchrun, backend, etcd_server.endpoint, run_id, str(nnodes), conf=conf)
-    results = finished_results(torchrun, list(range(nnodes)), timeout=120)
+    results = torchrun.finished_results(list(range(nnodes)), timeout=120)
     assert_ranks(results, nnodes)
 
 
@@ -125,7 +115,7 @@ def test_elastic_down_survivors_finish(
         start(torchrun, backend, etcd_server.endpoint, run_id, "2:3", conf=backend.fast, env=env)
     torchrun.wait_markers(3, world=3, timeout=90)
     torchrun.nodes[2].kill()
-    results = finished_results(torchrun, [0, 1], timeout=120)
+    results = torchrun.finished_results([0, 1], timeout=120)
     assert_ranks(results, 2)  # the survivors restarted their workers in a world of 2
 
 
@@ -137,7 +127,7 @@ def test_elastic_up_late_node_joins(
         start(torchrun, backend, etcd_server.endpoint, run_id, "2:3", conf=backend.fast, env=env)
     torchrun.wait_markers(2, world=2, timeout=90)
     start(torchrun, backend, etcd_server.endpoint, run_id, "2:3", conf=backend.fast, env=env)
-    results = finished_results(torchrun, [0, 1, 2], timeout=120)
+    results = torchrun.finished_results([0, 1, 2], timeout=120)
     assert_ranks(results, 3)
 
 
@@ -155,7 +145,7 @@ def test_embedded_default_two_nodes_no_endpoint(
             pytest.skip("port 2379 is in use on this machine")
     for _ in range(2):
         start(torchrun, backend, None, run_id, "2")
-    results = finished_results(torchrun, [0, 1], timeout=120)
+    results = torchrun.finished_results([0, 1], timeout=120)
     assert_ranks(results, 2)
     hosts = [n for n in torchrun.nodes if "hosts the job's etcd" in n.log()]
     assert len(hosts) == 1, "exactly one agent must host the embedded etcd"
@@ -182,7 +172,7 @@ def test_failover_member_killed_mid_job(
         torchrun.wait_markers(2, world=2, timeout=90)
         # Both agents talk to the first endpoint: kill that member while the workers run.
         cluster.members[0].kill()
-        results = finished_results(torchrun, [0, 1], timeout=120)
+        results = torchrun.finished_results([0, 1], timeout=120)
         assert_ranks(results, 2)
 
 

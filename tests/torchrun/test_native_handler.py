@@ -27,7 +27,6 @@ from torch.distributed.elastic.rendezvous import (
     rendezvous_handler_registry,
 )
 
-from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import Assignment, _probe
 from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun import _clients
@@ -46,15 +45,6 @@ def dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def key_prefix(etcd_server: EtcdServer) -> Iterator[str]:
-    prefix = f"/pytest-native-{uuid.uuid4().hex}"
-    yield prefix
-    with EtcdClient(etcd_server.endpoint) as client:
-        client.delete(prefix + "/", prefix=True)
-        client.delete(prefix + "-store/", prefix=True)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -50,14 +50,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-@pytest.fixture
-def key_prefix(etcd_server: EtcdServer) -> Iterator[str]:
-    prefix = f"/pytest-rdzv-{uuid.uuid4().hex}"
-    yield prefix
-    with EtcdClient(etcd_server.endpoint) as client:
-        client.delete(prefix + "/", prefix=True)
 
 
 def make_params(endpoint: str, run_id: str, nodes: int, **config: Any) -> RendezvousParameters:
