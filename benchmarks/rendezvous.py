@@ -232,7 +232,7 @@ def scale_tables(
     out = [
         f"Time until every node has its rank (median of {repeats} runs for N <= 64, 1 run "
         f"above; bound {bound:.0f} s)\n",
-        "| N | " + " | ".join(labels) + "".join(f" | native / {b}" for b in ratio_to) + " |",
+        "| N | " + " | ".join(labels) + "".join(f" | {NATIVE} / {b}" for b in ratio_to) + " |",
         "|---:" * (1 + len(labels) + len(ratio_to)) + "|",
     ]
     for n in sizes:
