@@ -92,6 +92,16 @@ class Node:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Wait until the process is really stopped (SIGSTOP lands asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                if fh.read().rpartition(")")[2].split()[0] == "T":
+                    return
+            assert time.monotonic() < deadline, f"{self.node_id} never stopped"
+            time.sleep(0.01)
+
     def rejoin(self) -> None:
         """Ask for a new round now (as torch's agent does when a worker fails)."""
         assert self.proc.stdin is not None
@@ -349,6 +359,7 @@ def test_probe_leaves_a_paused_node_alone(
     paused = next(n for n in nodes if n.node_id != leader)
     others = [n for n in nodes if n is not paused]
     paused.signal(signal.SIGSTOP)
+    paused.wait_stopped()  # before the others rejoin: it must not see them do it
     for node in others:
         node.rejoin()
     time.sleep(3.0)  # probes run within milliseconds of the rejoin; give them time

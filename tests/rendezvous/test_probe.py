@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import subprocess
@@ -11,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from etcd_rendezvous.rendezvous import _probe
+from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.rendezvous import Rendezvous, _probe
 from etcd_rendezvous.rendezvous._probe import Listener, Prober, Verdict
 from etcd_rendezvous.rendezvous._records import LeaderRecord, NodeRecord, decode, encode
 
@@ -35,6 +37,17 @@ def holder() -> Iterator[tuple[subprocess.Popen[str], str]]:
         proc.kill()
         proc.wait(10)
     assert proc.poll() is not None
+
+
+def wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
+    """Wait until /proc says process ``pid`` is in ``state`` (a signal lands later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rpartition(")")[2].split()[0] == state:
+                return
+        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.01)
 
 
 def test_address_format_round_trips() -> None:
@@ -97,6 +110,7 @@ def test_a_paused_process_is_not_gone_a_killed_one_is(
     prober = Prober(timeout=0.5)
     assert prober.check(probe) is Verdict.ALIVE
     proc.send_signal(signal.SIGSTOP)  # the kernel still accepts; nobody answers
+    wait_state(proc.pid, "T")
     assert prober.check(probe) is Verdict.UNKNOWN
     proc.send_signal(signal.SIGCONT)
     assert prober.check(probe) is Verdict.ALIVE
@@ -131,3 +145,16 @@ def test_records_carry_the_probe_address_and_older_records_have_none() -> None:
     assert decode(encode(leader), key="k") == leader
     old = b'{"format":1,"kind":"node","node":"n1","seen":0,"data":{}}'
     assert decode(old, key="k") == NodeRecord("n1", seen=0)
+
+
+def test_no_port_to_listen_on_means_no_probes_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, etcd_client: EtcdClient
+) -> None:
+    def refuse() -> socket.socket:
+        raise PermissionError("listening is not allowed here")
+
+    monkeypatch.setattr(_probe, "_listening_socket", refuse)
+    monkeypatch.setattr(_probe, "_listener_of", functools.cache(_probe._listener_of.__wrapped__))
+    rdzv = Rendezvous(etcd_client, "no-probe-port", 1, 1)
+    assert rdzv.probe == "" and rdzv.config.probe == ""
+    assert "no liveness probes (listening is not allowed here)" in caplog.text

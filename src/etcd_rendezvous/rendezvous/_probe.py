@@ -135,7 +135,10 @@ _lock = threading.Lock()
 
 
 def listener() -> Listener:
-    """This process's probe listener, started on first use (again in a forked child)."""
+    """This process's probe listener, started on first use (again in a forked child).
+
+    Raises OSError when no TCP port can be listened on.
+    """
     with _lock:
         return _listener_of(os.getpid())
 

@@ -197,7 +197,12 @@ class Rendezvous:
             )
         self.run_id = check_run_id(run_id)
         self.node_id = check_node_id(node_id or default_node_id())
-        self.probe = _probe.listener().address(probe_host or socket.gethostname()) if probe else ""
+        self.probe = ""  # token@host:port where this process answers liveness probes
+        if probe:
+            try:
+                self.probe = _probe.listener().address(probe_host or socket.gethostname())
+            except OSError as exc:  # no port to listen on: the leases alone decide
+                log.warning("rendezvous %s: no liveness probes (%s)", run_id, exc)
         self.config = m.Config(
             self.node_id,
             min_nodes,
