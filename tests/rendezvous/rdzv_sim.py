@@ -48,6 +48,7 @@ class SimNode:
     started: bool = False
     paused: bool = False  # SIGSTOPped: sees nothing, does nothing
     lease_expired: bool = False  # its lease expired while paused (noticed after resuming)
+    late_round: m.RoundCommitted | None = None  # found by a timed-out join's guarded delete
     assignments: list[m.Assignment] = dataclasses.field(default_factory=list)
     failures: list[m.Failure] = dataclasses.field(default_factory=list)
     changes: list[m.Change] = dataclasses.field(default_factory=list)
@@ -135,7 +136,17 @@ class World:
             node.lease = True  # the executor grants a lease before the first put
             self._put(keys.node(node.node_id), encode(action.record), node.node_id)
         elif isinstance(action, m.DeleteNode):
-            if keys.node(node.node_id) in self.store:
+            # guarded as the executor guards it: a newer round with us in it is taken
+            stored_round = self.store.get(keys.round)
+            mod = stored_round.mod if stored_round else 0
+            if action.if_round_revision is not None and mod != action.if_round_revision:
+                assert stored_round is not None
+                record = decode(stored_round.value, key="round")
+                if isinstance(record, RoundRecord) and node.node_id in record.members:
+                    node.late_round = m.RoundCommitted(record, mod)
+                    return
+            stored = self.store.get(keys.node(node.node_id))
+            if stored is not None and stored.owner == node.node_id:
                 self._delete(keys.node(node.node_id))
         elif isinstance(action, m.RevokeLease):
             key = keys.node(node.node_id)
@@ -173,6 +184,9 @@ class World:
         elif isinstance(action, m.Deliver):
             self._check_assignment(node, action.assignment)
             node.assignments.append(action.assignment)
+        elif isinstance(action, m.Fail) and node.late_round is not None:
+            late, node.late_round = node.late_round, None
+            self.feed(node, late)  # the join timed out as a round took it: it is a member
         elif isinstance(action, m.Fail):
             node.failures.append(action.failure)
         elif isinstance(action, m.Notify):

@@ -19,6 +19,7 @@ from etcd_rendezvous.rendezvous import (
     RendezvousStateError,
     RendezvousTimeoutError,
 )
+from etcd_rendezvous.rendezvous import _machine as m
 from etcd_rendezvous.rendezvous._records import Keys
 
 WAIT = 20.0  # upper bound of any single wait in these tests
@@ -92,6 +93,34 @@ def test_join_timeout_removes_the_node(etcd_client: EtcdClient, nodes: list[Rend
     with pytest.raises(RendezvousTimeoutError):
         lonely.join(timeout=0.3)
     assert etcd_client.get(Keys("job").node(lonely.node_id)) is None
+
+
+def test_a_join_timing_out_as_its_round_commits_takes_the_round(
+    etcd_client: EtcdClient, nodes: list[Rendezvous]
+) -> None:
+    """The race torch settles by syncing its state before giving up: b's deadline passes
+    just as the leader commits a round with b. We hold b's lock so that its watch cannot
+    tell it of the commit, move b's clock past its deadline and let it time out: its
+    guarded key deletion finds the round, and b's join returns it instead of failing."""
+    (a,) = make(nodes, etcd_client, 1, 2, 3, last_call_timeout=1.0)
+    offset = [0.0]
+    clock = lambda: time.monotonic() + offset[0]  # noqa: E731
+    (b,) = make(nodes, etcd_client, 1, 2, 3, last_call_timeout=1.0, clock=clock)
+    keys = Keys("job")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        a_join = pool.submit(a.join, WAIT)
+        wait_for(lambda: a.is_leader)
+        b_join = pool.submit(b.join, 10.0)
+        wait_for(lambda: etcd_client.get(keys.node(b.node_id)) is not None)
+        with b._cond:  # b's watch can no longer deliver anything to b
+            wait_for(lambda: etcd_client.get(keys.round) is not None)  # a's last call ran out
+            offset[0] = 60.0  # b's join deadline has passed
+            b._feed(m.Tick())  # b times out, unaware of the round
+        b._dispatch()
+        got = b_join.result(WAIT)
+        assert isinstance(got, Assignment) and got.round == 1 and got.world_size == 2
+        assert a_join.result(WAIT).members == got.members
+    assert etcd_client.get(keys.node(b.node_id)) is not None  # b is a member: its key stays
 
 
 def test_late_joiner_waits_and_members_rejoin(

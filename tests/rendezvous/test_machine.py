@@ -195,6 +195,14 @@ CASES = [
         m.Tick(),
         now=0.5,
     ),
+    # our join timed out, but its guarded key deletion found a round with us: take it
+    Case(
+        "round-after-timeout",
+        st(phase=m.Phase.IDLE, timed_out=True),
+        m.RoundCommitted(ROUND1, 9),
+        phase=m.Phase.MEMBER,
+        actions=(m.Deliver, m.Notify),
+    ),
     # a member rejoined while others still run round 1: the leader probes the late ones
     Case(
         "probe-stragglers",
@@ -419,3 +427,22 @@ def test_the_join_and_the_leader_key_carry_the_probe_address() -> None:
     state = st(phase=m.Phase.JOINING, leader="b", leader_probe="tb@hb:2")
     state, _ = machine.step(state, m.LeaderChanged("c", "tc@hc:3"), 0.0)
     assert (state.leader, state.leader_probe) == ("c", "tc@hc:3")
+
+
+# --- a join that times out as its round commits (torch finishes it) --------------------
+
+
+def test_a_join_timeout_deletes_the_key_only_if_no_newer_round_exists() -> None:
+    machine = m.Machine(CFG)
+    state = st(phase=m.Phase.JOINING, join_deadline=5.0, round=ROUND1, round_revision=4)
+    state, actions = machine.step(state, m.Tick(), 6.0)
+    assert state.phase is m.Phase.IDLE and state.timed_out
+    assert actions[0] == m.DeleteNode(if_round_revision=4)
+    assert isinstance(actions[1], m.Fail) and actions[1].failure is m.Failure.TIMEOUT
+    # a later round without us changes nothing
+    other = RoundRecord(round=2, members=("b", "c"), leader="b")
+    state, actions = machine.step(state, m.RoundCommitted(other, 9), 6.1)
+    assert state.phase is m.Phase.IDLE and not any(isinstance(a, m.Deliver) for a in actions)
+    # a fresh join clears the mark
+    state, _ = machine.step(state, m.Join(20.0), 7.0)
+    assert not state.timed_out

@@ -257,3 +257,22 @@ def test_a_newcomer_during_the_reforming_falls_back_to_the_last_call() -> None:
     assert second.members == ("n0", "n2")
     assert second.completion == "last_call"
     assert second.causes == ("node_lost", "node_joined")
+
+
+def test_a_join_timing_out_as_its_round_commits_takes_the_round() -> None:
+    """torch's join finishes when its synced state shows the round complete, even past
+    the deadline; ours too: the timed-out node's key deletion is guarded on the round's
+    revision, finds the newer round with it, and the node takes that round."""
+    world = rdzv_sim.World(["n0", "n1"], min_nodes=2, max_nodes=2, join_timeout=3.0)
+    world.start("n0")
+    world.start("n1")
+    while world.deliver("n0"):  # the leader sees n1's key and commits; n1 sees nothing yet
+        pass
+    assert 1 in world.commits and "n1" in world.commits[1].members
+    assert world.nodes["n1"].state.phase is m.Phase.JOINING
+    world.advance(5.0)  # past n1's deadline: its join times out
+    n1 = world.nodes["n1"]
+    assert n1.failures == []
+    assert [a.round for a in n1.assignments] == [1]
+    assert n1.state.phase is m.Phase.MEMBER
+    assert world.keys.node("n1") in world.store  # still a member: its key stays

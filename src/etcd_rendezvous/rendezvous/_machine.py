@@ -315,7 +315,12 @@ class PutNode:
 
 @dataclass(frozen=True)
 class DeleteNode:
-    pass
+    """Delete our node key -- if given, only while ``ctl/round``'s mod_revision is still
+    ``if_round_revision`` (0: absent): a join that times out as a round including it is
+    committed takes that round instead, as torch's join finishes once its state shows the
+    round complete."""
+
+    if_round_revision: int | None = None
 
 
 @dataclass(frozen=True)
@@ -420,6 +425,7 @@ class State:
     departed: frozenset[str] = frozenset()  # nodes seen leaving cleanly (their key marked)
     collect_known: frozenset[str] | None = None  # pending when the last round stopped running
     probed: frozenset[str] = frozenset()  # late members of the last round already probed
+    timed_out: bool = False  # our join just timed out (a round may have included us)
 
     @property
     def round_number(self) -> int:
@@ -553,6 +559,11 @@ def _in_round(cfg: Config, state: State, event: Event, now: float) -> bool:
     return isinstance(event, RoundCommitted) and cfg.node_id in event.record.members
 
 
+def _in_round_after_timeout(cfg: Config, state: State, event: Event, now: float) -> bool:
+    """Our join timed out, but its key deletion found this round committed with us."""
+    return state.timed_out and _in_round(cfg, state, event, now)
+
+
 def _closed_known(cfg: Config, state: State, event: Event, now: float) -> bool:
     return state.closed
 
@@ -670,6 +681,7 @@ def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[St
         join_data=event.data,
         assignment=None,
         spare=False,
+        timed_out=False,
     )
     return state, [PutNode(record)]
 
@@ -701,12 +713,12 @@ def _promote_spare(
 
 def _fail(failure: Failure, message: str, *, delete: bool = False) -> Effect:
     def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
-        actions: list[Action] = [DeleteNode()] if delete else []
+        actions: list[Action] = [DeleteNode(state.round_revision)] if delete else []
         actions.append(Fail(failure, message))
         nodes = state.nodes
         if delete and nodes is not None and cfg.node_id in nodes:  # a leader never admits
             nodes = {n: e for n, e in nodes.items() if n != cfg.node_id}  # itself after this
-        return replace(state, join_deadline=None, nodes=nodes), actions
+        return replace(state, join_deadline=None, nodes=nodes, timed_out=delete), actions
 
     effect.__name__ = f"fail_{failure.value}"
     return effect
@@ -764,7 +776,7 @@ def _deliver(cfg: Config, state: State, event: Event, now: float) -> tuple[State
     change = Change(
         ChangeKind.ROUND_COMMITTED, record.round, causes=record.causes, reason=record.reason
     )
-    return replace(state, assignment=assignment, join_deadline=None), [
+    return replace(state, assignment=assignment, join_deadline=None, timed_out=False), [
         Deliver(assignment),
         Notify(change),
     ]
@@ -1061,6 +1073,7 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("node-put", ANY, NodePut, _always, None, _nothing),
     Row("node-deleted", ANY, NodeDeleted, _always, None, _nothing),
     Row("round-mine", _p(JOINING), RoundCommitted, _in_round, MEMBER, _deliver),
+    Row("round-after-timeout", _p(IDLE), RoundCommitted, _in_round_after_timeout, MEMBER, _deliver),
     Row("round-other", ANY, RoundCommitted, _always, None, _notify_round),
     Row("closed-spare", _p(JOINING), ClosedSeen, _is_spare, CLOSED, _closed_spare),
     Row("closed-joining", _p(JOINING), ClosedSeen, _always, CLOSED, _closed_joining),

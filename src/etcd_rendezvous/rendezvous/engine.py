@@ -241,6 +241,7 @@ class Rendezvous:
         self._listeners: list[Callable[[Change], None]] = []
         self._outbox: list[Change] = []
         self._depth = 0
+        self._late_round: m.RoundCommitted | None = None  # see _delete_node
 
     # --- public API -----------------------------------------------------------------
 
@@ -746,12 +747,7 @@ class Rendezvous:
         if isinstance(action, m.PutNode):
             self._put_node(action)
         elif isinstance(action, m.DeleteNode):
-            if self._lease is not None:
-                self._etcd(
-                    client.txn,
-                    [Compare.lease(keys.node(self.node_id), "==", self._lease.id)],
-                    [Op.delete(keys.node(self.node_id))],
-                )
+            self._late_round = self._delete_node(action)
         elif isinstance(action, m.RevokeLease):
             if action.farewell is not None and self._lease_ok() and self._lease is not None:
                 self._farewell(action.farewell, self._lease.id)
@@ -796,6 +792,17 @@ class Rendezvous:
                 action.assignment.world_size,
                 action.assignment.reason or "no reason given",
             )
+        elif isinstance(action, m.Fail) and self._late_round is not None:
+            # The join timed out, but a round including us was committed first: take it.
+            late, self._late_round = self._late_round, None
+            log.info(
+                "node %s: join timed out as round %d of rendezvous %s was committed with "
+                "it; taking that round",
+                self.node_id,
+                late.record.round,
+                self.run_id,
+            )
+            self._feed(late)
         elif isinstance(action, m.Fail):
             error = _FAILURES[action.failure]
             self._result = error(
@@ -845,6 +852,34 @@ class Rendezvous:
                     self._client.lease_revoke(lease)
         except (EtcdClientError, RendezvousError) as exc:
             log.warning("node %s: could not evict dead node %s: %s", self.node_id, node_id, exc)
+
+    def _delete_node(self, action: m.DeleteNode) -> m.RoundCommitted | None:
+        """Delete our node key (a join gave up). With ``if_round_revision``: only while no
+        newer round is committed; a newer one that includes us is returned instead (the
+        key stays: we are a member), one without us does not stop the deletion."""
+        if self._lease is None:
+            return None
+        keys = self.keys
+        key = keys.node(self.node_id)
+        owned = Compare.lease(key, "==", self._lease.id)
+        if action.if_round_revision is not None:
+            response = self._etcd(
+                self._client.txn,
+                [owned, Compare.mod_revision(keys.round, "==", action.if_round_revision)],
+                [Op.delete(key)],
+                [Op.get(keys.round)],
+            )
+            if response.succeeded:
+                return None
+            read = response.responses[0] if response.responses else None
+            if isinstance(read, RangeResponse) and read.kvs:
+                kv = read.kvs[0]
+                if kv.mod_revision != action.if_round_revision:
+                    event = key_event(keys, keys.round, kv.value, mod_revision=kv.mod_revision)
+                    if isinstance(event, m.RoundCommitted) and self.node_id in event.record.members:
+                        return event
+        self._etcd(self._client.txn, [owned], [Op.delete(key)])
+        return None
 
     def _farewell(self, record: NodeRecord, lease_id: int) -> None:
         """Mark our key as leaving (one guarded put), so that the leader tells a clean
