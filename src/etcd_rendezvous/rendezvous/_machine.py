@@ -79,6 +79,10 @@ node that restarts under a new id is a new node (like torch: the old one simply
 expires); restarted under the same ``node_id``, the engine revokes the stale lease
 still holding its key (so the old incarnation, and its leadership, vanish at once)
 and joins as a pending node.
+A join that times out deletes its key only while ``ctl/round`` is still the round it
+knew (``DeleteNode.if_round_revision``): if a round including it was committed
+meanwhile, the node takes that round (row ``round-after-timeout``), as torch's join
+finishes when its synced state shows the round complete, even past the deadline.
 ``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
 ``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
 
