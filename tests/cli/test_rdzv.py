@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -38,12 +37,9 @@ LINE_TIMEOUT = 15.0
 
 
 @pytest.fixture
-def prefix(etcd_server: EtcdServer) -> Iterator[str]:
-    """A fresh key prefix for this test's runs, deleted afterwards."""
-    key_prefix = f"/rdzv-cli-test/{uuid.uuid4().hex[:8]}"
-    yield key_prefix
-    with EtcdClient(etcd_server.endpoint) as client:
-        client.delete(key_prefix + "/", prefix=True)
+def prefix(key_prefix: str) -> str:
+    """A fresh key prefix for this test's runs (the suite's ``key_prefix``, deleted after)."""
+    return key_prefix
 
 
 @pytest.fixture
