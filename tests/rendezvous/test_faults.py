@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proc_state import wait_state
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import DEFAULT_LEASE_TTL, Assignment, Rendezvous
@@ -94,13 +95,7 @@ class Node:
 
     def wait_stopped(self, timeout: float = 10.0) -> None:
         """Wait until the process is really stopped (SIGSTOP lands asynchronously)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with open(f"/proc/{self.proc.pid}/stat") as fh:
-                if fh.read().rpartition(")")[2].split()[0] == "T":
-                    return
-            assert time.monotonic() < deadline, f"{self.node_id} never stopped"
-            time.sleep(0.01)
+        wait_state(self.proc.pid, "T", timeout)
 
     def rejoin(self) -> None:
         """Ask for a new round now (as torch's agent does when a worker fails)."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from proc_state import wait_state
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import Rendezvous, _probe
@@ -37,17 +38,6 @@ def holder() -> Iterator[tuple[subprocess.Popen[str], str]]:
         proc.kill()
         proc.wait(10)
     assert proc.poll() is not None
-
-
-def wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
-    """Wait until /proc says process ``pid`` is in ``state`` (a signal lands later)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(f"/proc/{pid}/stat") as fh:
-            if fh.read().rpartition(")")[2].split()[0] == state:
-                return
-        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
-        time.sleep(0.01)
 
 
 def test_address_format_round_trips() -> None:
