@@ -356,7 +356,15 @@ def _watch(endpoint: str, prefix: str, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as at a terminal, even when this suite runs in the background with
+        # SIGINT ignored (a background job of a non-interactive shell): the child
+        # would inherit the ignore and never see the SIGINT this test sends.
+        preexec_fn=_default_sigint,  # noqa: PLW1509 (one signal() call, no lock taken)
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(proc: subprocess.Popen[str]) -> str:
