@@ -5,7 +5,13 @@ from __future__ import annotations
 import contextlib
 import socket
 
+from etcd_rendezvous.errors import EtcdServerError
+
 BIND_ERROR_MARKERS = ("address already in use", "bind: ")
+
+
+class NoFreePortError(EtcdServerError, RuntimeError):
+    """No address of the host could be bound (torch's ``find_free_port`` raises RuntimeError)."""
 
 
 def find_free_port(host: str = "127.0.0.1") -> socket.socket:
@@ -15,25 +21,43 @@ def find_free_port(host: str = "127.0.0.1") -> socket.socket:
     the port to the program that binds it. Another process may still take the port
     in between: :class:`EtcdServer` notices that and retries with fresh ports.
 
+    As torch's, every address ``host`` resolves to is tried in turn: one whose socket
+    cannot be created (an address family the kernel lacks) or bound is skipped.
+
+    Raises:
+        NoFreePortError: no address could be bound (a ``RuntimeError``, as torch's).
+
     Usage::
 
         sock = find_free_port()
         port = sock.getsockname()[1]
         sock.close()
     """
-    infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise NoFreePortError(f"could not bind a free port on {host!r}: {exc}") from exc
+    failures: list[str] = []
     last_error: OSError | None = None
     for family, type_, proto, _, sockaddr in infos:
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as exc:
+            failures.append(f"{sockaddr[0]}: socket(): {exc}")
+            last_error = exc
+            continue
         try:
             sock.bind(sockaddr)
             sock.listen(0)
         except OSError as exc:
             sock.close()
+            failures.append(f"{sockaddr[0]}: {exc}")
             last_error = exc
             continue
         return sock
-    raise OSError(f"could not bind a free port on {host!r}: {last_error}")
+    raise NoFreePortError(
+        f"could not bind a free port on {host!r}: " + ("; ".join(failures) or "no address")
+    ) from last_error
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
