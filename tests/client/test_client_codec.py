@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from etcd_rendezvous.client import Compare, Op, parse_endpoints
 from etcd_rendezvous.client._codec import ALL_KEYS, Codec, prefix_range_end
+from etcd_rendezvous.client._endpoints import Endpoint
 from etcd_rendezvous.client._retry import Retry
-from etcd_rendezvous.client._transport import Endpoint, translate_error
+from etcd_rendezvous.client._transport import translate_error
 from etcd_rendezvous.errors import (
     EtcdAuthError,
     EtcdCompactedError,

@@ -18,8 +18,8 @@ It speaks etcd's v3 API through the JSON gateway (``POST /v3/...``) that etcd
 
 from __future__ import annotations
 
+from etcd_rendezvous.client._endpoints import Endpoint, parse_endpoints
 from etcd_rendezvous.client._retry import Retry
-from etcd_rendezvous.client._transport import Endpoint, parse_endpoints
 from etcd_rendezvous.client._types import (
     DeleteResponse,
     KeyValue,

@@ -24,9 +24,7 @@ import logging
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.exceptions import (
@@ -37,6 +35,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from etcd_rendezvous.client._endpoints import Endpoint, check_tls_files, parse_endpoints
 from etcd_rendezvous.errors import (
     EtcdAuthError,
     EtcdClientError,
@@ -75,66 +74,6 @@ _TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user na
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One etcd client URL."""
-
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def netloc(self) -> str:
-        """``host:port``, with IPv6 hosts in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.netloc}"
-
-    def __str__(self) -> str:
-        return self.url
-
-
-def parse_endpoints(
-    endpoints: str | Sequence[str], *, default_scheme: str = "http", default_port: int = 2379
-) -> list[Endpoint]:
-    """Parse ``"host:port"``, ``"http(s)://host:port"``, ``"[::1]:2379"`` or a comma list.
-
-    Duplicates are dropped, the order kept. Raises ``ValueError`` for an empty
-    list, an unknown scheme or a bad port.
-    """
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    out: list[Endpoint] = []
-    for raw in items:
-        if not isinstance(raw, str):
-            raise TypeError(f"an endpoint must be a str, got {type(raw).__name__}")
-        text = raw.strip()
-        if not text:
-            continue
-        has_scheme = "://" in text
-        parts = urlsplit(text if has_scheme else f"{default_scheme}://{text}")
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise ValueError(f"endpoint {raw!r}: scheme must be http or https, got {scheme!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"endpoint {raw!r}: expected host:port, got a path or query")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"endpoint {raw!r}: invalid port") from exc
-        host = parts.hostname
-        if not host:
-            raise ValueError(f"endpoint {raw!r}: no host")
-        ep = Endpoint(scheme, host, port if port is not None else default_port)
-        if ep not in out:
-            out.append(ep)
-    if not out:
-        raise ValueError(f"no etcd endpoint given (got {endpoints!r})")
-    return out
 
 
 def _describe_key(key: bytes | str | None) -> str:
@@ -231,6 +170,7 @@ class Transport:
             raise ValueError("give both username and password, or neither")
         if key is not None and cert is None:
             raise ValueError("a client key needs its certificate (cert=...)")
+        check_tls_files(ca_cert=ca_cert, cert=cert, key=key)
         secure = ca_cert is not None or cert is not None
         self.endpoints = parse_endpoints(endpoints, default_scheme="https" if secure else "http")
         self.timeout = timeout

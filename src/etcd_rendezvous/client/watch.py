@@ -32,10 +32,10 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from etcd_rendezvous.client._codec import Codec, header_revision, to_int
+from etcd_rendezvous.client._endpoints import Endpoint
 from etcd_rendezvous.client._retry import Retry
 from etcd_rendezvous.client._transport import (
     _TOKEN_ERRORS,
-    Endpoint,
     Transport,
     close_stream,
     release_stream,
