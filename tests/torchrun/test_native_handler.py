@@ -245,6 +245,8 @@ def test_probe_address_is_the_agents_and_probe_false_turns_it_off(
         ({"last_call_timout": "1"}, "unknown option(s) last_call_timout"),
         ({"lease_ttl": "soon"}, "lease_ttl='soon'"),
         ({"lease_ttl": "0"}, "lease_ttl='0': must be at least 1"),
+        ({"lease_ttl": str(10**18)}, "lease_ttl='1000000000000000000': must be from 1 to 3600"),
+        ({"join_timeout": "999999999999999999"}, "join_timeout='999999999999999999': must be"),
         ({"fast_quorum": "maybe"}, "fast_quorum='maybe'"),
         ({"probe": "sometimes"}, "probe='sometimes'"),
         ({"join_timeout": "-3"}, "join_timeout='-3'"),

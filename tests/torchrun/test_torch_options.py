@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,14 +38,24 @@ def test_defaults() -> None:
     assert opts.keep_alive_interval == 5 and opts.keep_alive_max_attempt == 3
 
 
-def test_every_documented_option() -> None:
+@pytest.fixture
+def tls_paths(tmp_path: Path) -> tuple[str, str, str]:
+    """(cert, key, ca): files that exist (their content is not read here)."""
+    paths = tuple(str(tmp_path / name) for name in ("c.pem", "k.pem", "ca.pem"))
+    for path in paths:
+        Path(path).write_text("x")
+    return paths  # type: ignore[return-value]
+
+
+def test_every_documented_option(tls_paths: tuple[str, str, str]) -> None:
+    cert, key, ca = tls_paths
     opts = parse_options(
         params(
             read_timeout="5",
             protocol="HTTPS",
-            ssl_cert="/c.pem",
-            ssl_cert_key="/k.pem",
-            ca_cert="/ca.pem",
+            ssl_cert=cert,
+            ssl_cert_key=key,
+            ca_cert=ca,
             join_timeout="30",
             last_call_timeout="2",
             close_timeout="3",
@@ -61,7 +72,7 @@ def test_every_documented_option() -> None:
     assert opts.read_timeout == 5 and opts.request_timeout == 5.0
     assert opts.protocol == "https"
     assert opts.endpoints[0].url == "https://127.0.0.1:2379"
-    assert (opts.ssl_cert, opts.ssl_cert_key, opts.ca_cert) == ("/c.pem", "/k.pem", "/ca.pem")
+    assert (opts.ssl_cert, opts.ssl_cert_key, opts.ca_cert) == (cert, key, ca)
     assert opts.join_timeout == timedelta(seconds=30)
     assert opts.last_call_timeout == timedelta(seconds=2)
     assert opts.close_timeout == timedelta(seconds=3)
@@ -91,7 +102,7 @@ def test_heartbeat_timeout_alias() -> None:
         ({"keep_alive_max_attempt": "-1"}, "keep_alive_max_attempt='-1'"),
         ({"keep_alive_interval": True}, "keep_alive_interval=True"),
         ({"protocol": "grpc"}, "protocol='grpc': must be http or https"),
-        ({"ssl_cert_key": "/k"}, "ssl_cert_key is given without ssl_cert"),
+        ({"ssl_cert_key": __file__}, "ssl_cert_key is given without ssl_cert"),
         ({"username": "u"}, "username and password"),
         ({"key_prefix": "relative"}, "key_prefix='relative'"),
         ({"key_prefix": " "}, "key_prefix: the value is empty"),
@@ -143,3 +154,91 @@ def test_port_zero_derives_a_stable_port_from_the_run_id() -> None:
 def test_bad_endpoints(endpoint: str) -> None:
     with pytest.raises(ValueError, match="--rdzv-endpoint"):
         parse_options(params(endpoint))
+
+
+# torch's parse_rendezvous_endpoint rejects these (pytorch
+# test/distributed/elastic/rendezvous/utils_test.py); so must we, naming the option
+# and the bad part, with torch's error type (ValueError).
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("~", r"--rdzv-endpoint '~': the host '~' contains '~'"),
+        ("~:123", r"--rdzv-endpoint '~:123': the host '~' contains '~'"),
+        (":123", r"--rdzv-endpoint ':123': no host before the port"),
+        ("dummy.com :123", r"--rdzv-endpoint 'dummy.com :123': the host 'dummy.com ' contains ' '"),
+        ("a b:1", r"--rdzv-endpoint 'a b:1': the host 'a b' contains ' '"),
+        ("dummy.com:", r"--rdzv-endpoint 'dummy.com:': the port after ':' is empty"),
+        ("dummy.com:abc", r"--rdzv-endpoint 'dummy.com:abc': the port 'abc' is not a number"),
+        ("dummy.com:-123", r"the port '-123' is not a number from 1 to 65535"),
+        ("dummy.com:-", r"the port '-' is not a number from 1 to 65535"),
+        ("dummy.com:65536", r"the port '65536' is not a number from 1 to 65535"),
+        ("dummy.com:70000", r"the port '70000' is not a number from 1 to 65535"),
+    ],
+)
+def test_endpoints_torch_rejects(endpoint: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_options(params(endpoint))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        # urllib3/urlsplit errors that named nothing ("Invalid IPv6 URL").
+        ("[::1", r"--rdzv-endpoint '\[::1': an IPv6 address opened with '\[' has no closing"),
+        ("http://[::1:2379", r"no closing '\]'"),
+        ("[nothex]:1", r"'nothex' in brackets is not an IPv6 address"),
+        # IPv6 without brackets was "invalid port".
+        ("::1", r"--rdzv-endpoint '::1': .*put an IPv6 address in brackets, e.g. \[::1\]:2379"),
+        ("fe80::1:2379", r"put an IPv6 address in brackets"),
+        # user:pass@ was silently dropped.
+        ("u:p@host:1", r"credentials .* not used; give them as --rdzv-conf username=.*password="),
+        # hosts no machine has.
+        ("a\x00b:1", r"the host 'a\\x00b' contains '\\x00'"),
+        ("host\t1:1", r"contains '\\t'"),
+        ("a..b:1", r"empty label"),
+        ("300.1.1.1:1", r"'300.1.1.1' is not a valid IPv4 address"),
+        ("[127.0.0.1]:1", r"brackets are for IPv6 addresses"),
+        # the bad item of a list is named.
+        ("h1:1,~:2", r"--rdzv-endpoint 'h1:1,~:2' \(in '~:2'\): the host '~'"),
+        ("a:0,b:1", r"port 0 \(host an etcd for this run\) only works with a single endpoint"),
+    ],
+)
+def test_malformed_endpoints_say_what_is_wrong(endpoint: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        parse_options(params(endpoint))
+
+
+@pytest.mark.parametrize("endpoint", ["dummy.com:0", "dummy-1.com:123", "[2001:db8::1]:65535"])
+def test_endpoints_torch_accepts(endpoint: str) -> None:
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    assert parse_options(params(endpoint)).endpoints[0].host == host
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"join_timeout": "999999999999999999"}, r"join_timeout='9+': must be from 1 to 604800"),
+        ({"heartbeat": 10**18}, r"heartbeat=1000000000000000000: must be from 1 to 3600 seconds"),
+        ({"read_timeout": "86401"}, r"read_timeout='86401': must be from 1 to 86400 seconds"),
+        ({"keep_alive_max_attempt": "1001"}, r"must be from 1 to 1000 attempts"),
+        ({"ttl": str(2**64)}, r"ttl='18446744073709551616': must be from 1 to 31536000"),
+    ],
+)
+def test_huge_numbers_are_bounded(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        parse_options(params(**config))
+
+
+@pytest.mark.parametrize("key", ["ca_cert", "ssl_cert"])
+def test_missing_tls_file_is_an_error_even_over_http(key: str) -> None:
+    with pytest.raises(OptionError, match=rf"--rdzv-conf {key}='/nope/x.pem': no such file"):
+        parse_options(params("http://127.0.0.1:2379", **{key: "/nope/x.pem"}))
+
+
+def test_missing_tls_key_file_is_an_error(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(OptionError, match=r"ssl_cert_key='/nope/k.pem': no such file"):
+        parse_options(params(ssl_cert=str(cert), ssl_cert_key="/nope/k.pem"))
+    with pytest.raises(OptionError, match=r"ca_cert='.*': not a file"):
+        parse_options(params(ca_cert=str(tmp_path)))

@@ -1,11 +1,13 @@
 """Parse and check ``--rdzv-endpoint`` and ``--rdzv-conf`` for the ``etcd-v3`` backend.
 
-Pure functions of torch's ``RendezvousParameters``: no I/O, so every mistake
-is reported (naming the option and the value) before any node waits.
+Functions of torch's ``RendezvousParameters`` that talk to no one (they only
+check that the TLS files exist), so every mistake is reported (naming the option
+and the value) before any node waits.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +16,7 @@ from typing import Any
 from torch.distributed.elastic.rendezvous.api import RendezvousParameters
 
 from etcd_rendezvous.client import Endpoint, parse_endpoints
+from etcd_rendezvous.client._endpoints import EndpointError
 from etcd_rendezvous.torchrun.backend import DEFAULT_KEY_PREFIX
 
 DEFAULT_PORT = 2379
@@ -27,18 +30,31 @@ MAX_REQUEST_TIMEOUT = 10.0
 EMBEDDED_PORT_BASE = 20000
 EMBEDDED_PORT_SPAN = 12000
 
-_INT_OPTIONS = (
-    "read_timeout",
-    "join_timeout",
-    "last_call_timeout",
-    "close_timeout",
-    "heartbeat",
-    "heartbeat_timeout",
-    "keep_alive_interval",
-    "keep_alive_max_attempt",
-    "timeout",
-    "ttl",
-)
+_DAY = 86400
+
+#: Every integer option and its range (inclusive). Durations in seconds: each
+#: bound is far beyond any sensible value, and keeps a typo (or ``10**18``) from
+#: overflowing a ``timedelta`` or being handed to etcd as a lease TTL.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "read_timeout": (1, _DAY),
+    "join_timeout": (1, 7 * _DAY),
+    "last_call_timeout": (1, _DAY),
+    "close_timeout": (1, _DAY),
+    "heartbeat": (1, 3600),
+    "heartbeat_timeout": (1, 3600),
+    "keep_alive_interval": (1, 3600),
+    "keep_alive_max_attempt": (1, 1000),
+    "timeout": (1, 365 * _DAY),
+    "ttl": (1, 365 * _DAY),
+}
+_INT_OPTIONS = tuple(INT_RANGES)
+#: The TLS files: each must exist (even with a plain-http endpoint, where it would
+#: otherwise be silently unused).
+_FILE_OPTIONS = {
+    "ca_cert": "the CA certificate that signs etcd's certificate",
+    "ssl_cert": "the client certificate",
+    "ssl_cert_key": "the client certificate's private key",
+}
 _STR_OPTIONS = (
     "protocol",
     "ssl_cert",
@@ -94,22 +110,41 @@ class OptionError(ValueError):
     """A ``--rdzv-endpoint`` or ``--rdzv-conf`` value is wrong (the message names it)."""
 
 
-def _int(params: RendezvousParameters, key: str, *, minimum: int = 1) -> int | None:
-    value: Any = params.get(key)
-    if value is None:
-        return None
+def bounded_int(key: str, value: Any, minimum: int, maximum: int) -> int:
+    """``value`` (a ``--rdzv-conf`` string or int) as an int in [minimum, maximum]."""
+    unit = "attempts" if key.endswith("attempt") else "seconds"
     if isinstance(value, bool):
-        raise OptionError(f"--rdzv-conf {key}={value!r}: expected an integer")
+        raise OptionError(f"--rdzv-conf {key}={value!r}: expected an integer number of {unit}")
     try:
         number = int(str(value).strip())
     except ValueError:
         raise OptionError(
-            f"--rdzv-conf {key}={value!r}: expected an integer number of "
-            f"{'attempts' if key.endswith('attempt') else 'seconds'}"
+            f"--rdzv-conf {key}={value!r}: expected an integer number of {unit}"
         ) from None
     if number < minimum:
         raise OptionError(f"--rdzv-conf {key}={value!r}: must be at least {minimum}")
+    if number > maximum:
+        raise OptionError(
+            f"--rdzv-conf {key}={value!r}: must be from {minimum} to {maximum} {unit}"
+        )
     return number
+
+
+def _int(params: RendezvousParameters, key: str) -> int | None:
+    value: Any = params.get(key)
+    if value is None:
+        return None
+    minimum, maximum = INT_RANGES[key]
+    return bounded_int(key, value, minimum, maximum)
+
+
+def _check_file(key: str, path: str | None) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise OptionError(f"--rdzv-conf {key}={path!r}: no such file ({_FILE_OPTIONS[key]})")
+    if not os.path.isfile(path):
+        raise OptionError(f"--rdzv-conf {key}={path!r}: not a file ({_FILE_OPTIONS[key]})")
 
 
 def _str(params: RendezvousParameters, key: str) -> str | None:
@@ -139,7 +174,7 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
             f"--rdzv-conf: unknown option(s) {', '.join(unknown)} for --rdzv-backend=etcd-v3; "
             f"known options: {', '.join(sorted(KNOWN_OPTIONS - {'timeout'}))}"
         )
-    ints = {key: _int(params, key, minimum=1) for key in _INT_OPTIONS}
+    ints = {key: _int(params, key) for key in _INT_OPTIONS}
     strs = {key: _str(params, key) for key in _STR_OPTIONS}
     embedded = params.get_as_bool("embedded") if "embedded" in params.config else None
 
@@ -148,6 +183,8 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
         raise OptionError(f"--rdzv-conf protocol={strs['protocol']!r}: must be http or https")
     if strs["ssl_cert_key"] and not strs["ssl_cert"]:
         raise OptionError("--rdzv-conf ssl_cert_key is given without ssl_cert")
+    for key in _FILE_OPTIONS:
+        _check_file(key, strs[key])
     if (strs["username"] is None) != (strs["password"] is None):
         raise OptionError("--rdzv-conf username and password must be given together")
     key_prefix = strs["key_prefix"] or DEFAULT_KEY_PREFIX
@@ -188,14 +225,24 @@ def _parse_endpoint(
     if not text:
         return parse_endpoints(f"127.0.0.1:{DEFAULT_PORT}", default_scheme=protocol), True
     try:
-        endpoints = parse_endpoints(text, default_scheme=protocol, default_port=DEFAULT_PORT)
+        endpoints = parse_endpoints(
+            text,
+            default_scheme=protocol,
+            default_port=DEFAULT_PORT,
+            allow_port_zero=True,
+            credentials_hint="give them as --rdzv-conf username=...,password=...",
+        )
+    except EndpointError as exc:
+        where = "" if exc.endpoint.strip() == text else f" (in {exc.endpoint.strip()!r})"
+        raise OptionError(f"--rdzv-endpoint {text!r}{where}: {exc.problem}") from exc
     except (ValueError, TypeError) as exc:
         raise OptionError(f"--rdzv-endpoint {text!r}: {exc}") from exc
-    if not endpoints:
-        raise OptionError(f"--rdzv-endpoint {text!r}: no endpoint given")
     if len(endpoints) > 1:
         if any(ep.port == 0 for ep in endpoints):
-            raise OptionError(f"--rdzv-endpoint {text!r}: port 0 only works with one endpoint")
+            raise OptionError(
+                f"--rdzv-endpoint {text!r}: port 0 (host an etcd for this run) only works "
+                "with a single endpoint, e.g. localhost:0"
+            )
         return endpoints, False
     ep = endpoints[0]
     if ep.port == 0:
@@ -205,9 +252,11 @@ def _parse_endpoint(
 
 __all__ = [
     "DEFAULT_PORT",
+    "INT_RANGES",
     "KNOWN_OPTIONS",
     "EtcdV3Options",
     "OptionError",
+    "bounded_int",
     "embedded_port",
     "parse_options",
 ]

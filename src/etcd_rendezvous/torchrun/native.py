@@ -76,9 +76,11 @@ from etcd_rendezvous.errors import EtcdClientError
 from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous
 from etcd_rendezvous.torchrun import _clients
 from etcd_rendezvous.torchrun._options import (
+    INT_RANGES,
     KNOWN_OPTIONS,
     EtcdV3Options,
     OptionError,
+    bounded_int,
     parse_options,
 )
 from etcd_rendezvous.torchrun.plugin import connect
@@ -365,14 +367,7 @@ def _native_options(params: RendezvousParameters) -> tuple[RendezvousParameters,
 def _lease_ttl(params: RendezvousParameters, ours: dict[str, Any], opts: EtcdV3Options) -> int:
     raw = ours.get("lease_ttl")
     if raw is not None:
-        try:
-            ttl = int(str(raw).strip())
-        except ValueError:
-            raise OptionError(
-                f"--rdzv-conf lease_ttl={raw!r}: expected an integer number of seconds"
-            ) from None
-        if ttl < 1:
-            raise OptionError(f"--rdzv-conf lease_ttl={raw!r}: must be at least 1")
+        ttl = bounded_int("lease_ttl", raw, *INT_RANGES["heartbeat"])
         if opts.heartbeat_timeout is not None:
             _agent_log.warning(
                 "--rdzv-conf: heartbeat is ignored, lease_ttl=%d decides when a silent node "
