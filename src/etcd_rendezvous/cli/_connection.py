@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.client import EtcdClient, parse_endpoints
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,9 +29,25 @@ def connection_options(*, default_timeout: float) -> Callable[[F], F]:
             show_default=True,
             help="Seconds to wait for each request.",
         ),
-        click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option(
+            "--ca-cert",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="PEM file of the CA that signs etcd's certificate (turns on https for "
+            "endpoints given without a scheme).",
+        ),
+        click.option(
+            "--cert",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="PEM client certificate, for an etcd that asks for one (--client-cert-auth).",
+        ),
+        click.option(
+            "--key",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="PEM private key of --cert (not needed when --cert holds both).",
+        ),
         click.option(
             "--user", default=None, help="user[:password]; password also from $ETCD_PASSWORD."
         ),
@@ -63,11 +79,27 @@ def make_client(
 ) -> EtcdClient:
     """An :class:`EtcdClient` for the options; a malformed endpoint is a usage error."""
     username, password = split_user(user)
+    if username is not None and password is None:
+        raise click.BadParameter(
+            f"{user!r} has no password: give --user {username}:PASSWORD or set $ETCD_PASSWORD",
+            param_hint="--user",
+        )
     if not [e for e in endpoints.split(",") if e.strip()]:
         raise click.BadParameter("no endpoint given", param_hint="--endpoints")
+    secure = ca_cert is not None or cert is not None
+    try:
+        parsed = parse_endpoints(
+            endpoints,
+            default_scheme="https" if secure else "http",
+            credentials_hint="give them as --user NAME[:PASSWORD]",
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
+    if key is not None and cert is None:
+        raise click.BadParameter("a client key needs its certificate (--cert)", param_hint="--key")
     try:
         return EtcdClient(
-            endpoints,
+            [ep.url for ep in parsed],
             timeout=timeout,
             ca_cert=ca_cert,
             cert=cert,
@@ -76,4 +108,4 @@ def make_client(
             password=password,
         )
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--endpoints") from exc
+        raise click.UsageError(str(exc)) from exc
