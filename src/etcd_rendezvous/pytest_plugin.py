@@ -18,6 +18,7 @@ To run every test on several binaries, override ``etcd_binary`` in your
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -112,8 +113,15 @@ def etcd_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     )
     ca.cert_pem.write_to_path(files.ca)
     server.cert_chain_pems[0].write_to_path(files.server_cert)
-    server.private_key_pem.write_to_path(files.server_key)
+    _write_private(files.server_key, server.private_key_pem.bytes())
     client.cert_chain_pems[0].write_to_path(files.client_cert)
-    client.private_key_pem.write_to_path(files.client_key)
+    _write_private(files.client_key, client.private_key_pem.bytes())
     trustme.CA().cert_pem.write_to_path(files.other_ca)
     return files
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write a private key readable by its owner only (0600 from the start, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

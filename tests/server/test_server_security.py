@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -142,3 +143,9 @@ def test_tls_mismatch_fails_fast(etcd_binary: str, etcd_tls_files: TLSFiles) -> 
     assert time.monotonic() - started < 10
     assert "TLSConfig" in str(info.value) and info.value.__cause__ is not None
     assert not server.is_running
+
+
+def test_tls_fixture_private_keys_are_owner_only(etcd_tls_files: TLSFiles) -> None:
+    for key in (etcd_tls_files.server_key, etcd_tls_files.client_key):
+        mode = os.stat(key).st_mode & 0o777
+        assert mode == 0o600, f"{key} is {oct(mode)}: a private key must be 0600"
