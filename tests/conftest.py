@@ -64,7 +64,8 @@ def etcd_binary(request: pytest.FixtureRequest) -> str:
     try:
         return find_etcd_binary(request.config.getoption("--etcd-binary"))
     except Exception as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    pytest.fail(message, pytrace=False)  # outside the except: printed once, not chained
 
 
 @pytest.fixture

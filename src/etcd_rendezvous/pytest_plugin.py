@@ -51,7 +51,9 @@ def etcd_binary(request: pytest.FixtureRequest) -> str:
     try:
         return find_etcd_binary(explicit)
     except EtcdBinaryNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    # Outside the except block: pytest would print the chained error a second time.
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")

