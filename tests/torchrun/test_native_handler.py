@@ -233,8 +233,8 @@ def test_probe_address_is_the_agents_and_probe_false_turns_it_off(
 ) -> None:
     h = make_handler(run_id(), 1)
     token, host, port = _probe.parse_probe(h.rendezvous.probe)
-    assert host == "127.0.0.1" and port == _probe.listener().port  # torch's local_addr
-    assert token == _probe.listener().token
+    assert host == "127.0.0.1" and port == _probe.listener(host).port  # torch's local_addr
+    assert token == _probe.listener(host).token
     off = make_handler(run_id(), 1, probe="false")
     assert off.rendezvous.probe == "" and off.rendezvous.config.probe == ""
 

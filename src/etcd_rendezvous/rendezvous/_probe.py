@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import ipaddress
 import logging
 import os
 import secrets
@@ -75,11 +76,16 @@ def parse_probe(probe: str) -> tuple[str, str, int]:
 
 
 class Listener:
-    """The process's probe port: accepts, sends the token, closes. One per process."""
+    """The process's probe port: accepts, sends the token, closes. One per process and
+    bind address (see :func:`listener`).
 
-    def __init__(self) -> None:
+    ``bind`` is the IP address to listen on; ``None`` listens on every interface.
+    """
+
+    def __init__(self, bind: str | None = None) -> None:
         self.token = secrets.token_hex(16)
-        self._sock = _listening_socket()
+        self._sock = _listening_socket() if bind is None else _bound_socket(bind)
+        self.bind = bind
         self.port: int = self._sock.getsockname()[1]
         self._closed = threading.Event()
         self._thread = threading.Thread(
@@ -111,6 +117,19 @@ class Listener:
                 conn.sendall(payload)
 
 
+def _bound_socket(bind: str) -> socket.socket:
+    """A TCP socket listening on the IP address ``bind`` only."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((bind, 0))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _listening_socket() -> socket.socket:
     """A TCP socket listening on every address (IPv6 dual-stack when available)."""
     if socket.has_ipv6:
@@ -131,21 +150,54 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
+def bind_address(host: str | None) -> str | None:
+    """Where the listener for nodes published as ``host`` listens (``None``: everywhere).
+
+    Others reach the process at ``host``, so an IP address of this machine is bound
+    alone: a loopback one (a single-host job) is then unreachable from the network,
+    which is the point. ``localhost`` means ``127.0.0.1``. A host name, or an address
+    this machine does not have (behind NAT), needs every interface.
+    """
+    if host is None:
+        return None
+    name = host.strip("[]")
+    if name.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return None  # a name: it may resolve to any of this machine's addresses
+    if ip.is_unspecified or ip.is_multicast:
+        return None
+    return str(ip)
+
+
 _lock = threading.Lock()
 
 
-def listener() -> Listener:
-    """This process's probe listener, started on first use (again in a forked child).
+def listener(host: str | None = None) -> Listener:
+    """This process's probe listener for nodes published as ``host`` (started on first
+    use, again in a forked child).
+
+    It listens where :func:`bind_address` says; when that address cannot be bound
+    (not this machine's), on every interface.
 
     Raises OSError when no TCP port can be listened on.
     """
+    bind = bind_address(host)
     with _lock:
-        return _listener_of(os.getpid())
+        try:
+            return _listener_of(os.getpid(), bind)
+        except OSError:
+            if bind is None:
+                raise
+            log.debug("cannot listen for probes on %s; listening on every interface", bind)
+            return _listener_of(os.getpid(), None)
 
 
 @functools.cache
-def _listener_of(pid: int) -> Listener:
-    return Listener()
+def _listener_of(pid: int, bind: str | None) -> Listener:
+    return Listener(bind)
 
 
 class Prober:

@@ -200,7 +200,8 @@ class Rendezvous:
         self.probe = ""  # token@host:port where this process answers liveness probes
         if probe:
             try:
-                self.probe = _probe.listener().address(probe_host or socket.gethostname())
+                host = probe_host or socket.gethostname()
+                self.probe = _probe.listener(host).address(host)
             except OSError as exc:  # no port to listen on: the leases alone decide
                 log.warning("rendezvous %s: no liveness probes (%s)", run_id, exc)
         self.config = m.Config(
