@@ -35,6 +35,21 @@ class EtcdStartError(EtcdServerError):
         self.log_tail = log_tail
 
 
+class EtcdPortInUseError(EtcdStartError):
+    """A port asked for explicitly is already taken.
+
+    ``problem`` says by what ("port 2379 on 127.0.0.1 is already in use by an etcd
+    (3.5.1)"); the message adds the library's advice (``port=0``), and each layer
+    (CLI, torchrun) can phrase its own from ``problem``.
+    """
+
+    def __init__(self, problem: str, *, host: str, port: int, advice: str) -> None:
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+        self.host = host
+        self.port = port
+
+
 # --- talking to etcd ----------------------------------------------------------
 
 
@@ -117,6 +132,7 @@ __all__ = [
     "EtcdCompactedError",
     "EtcdLeaseLostError",
     "EtcdLeaseNotFoundError",
+    "EtcdPortInUseError",
     "EtcdRendezvousError",
     "EtcdRequestError",
     "EtcdServerError",

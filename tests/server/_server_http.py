@@ -67,3 +67,44 @@ def write_script(path: os.PathLike[str] | str, body: str) -> str:
         f.write("#!/bin/sh\n" + body + "\n")
     os.chmod(path, 0o755)
     return path
+
+
+class PlainHTTPServer:
+    """A web server that is not etcd (an HTML page on every GET/POST), on a free port.
+
+    Usage: ``with PlainHTTPServer() as web: ... web.port``.
+    """
+
+    PAGE = b"<!DOCTYPE html><html><head><title>Not etcd</title></head><body>" + b"x" * 3000
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        page = self.PAGE
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            do_POST = do_GET
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> PlainHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(10)

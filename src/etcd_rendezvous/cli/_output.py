@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import click
 
-from etcd_rendezvous.errors import EtcdRendezvousError
+from etcd_rendezvous.errors import EtcdPortInUseError, EtcdRendezvousError
 
 
 @contextlib.contextmanager
@@ -29,4 +29,8 @@ def progress(message: str, *, quiet: bool = False) -> Iterator[None]:
 
 def fail(exc: EtcdRendezvousError) -> click.ClickException:
     """Turn one of our errors into a clean CLI error (exit code 1, message on stderr)."""
+    if isinstance(exc, EtcdPortInUseError):  # its advice is the library's (port=0)
+        return click.ClickException(
+            f"{exc.problem}; give another --port, or --port 0 to pick a free one"
+        )
     return click.ClickException(str(exc))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import warnings
+
+import urllib3
 
 from etcd_rendezvous.errors import EtcdServerError
 
@@ -75,6 +79,45 @@ def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host.strip("[]"), port), timeout):
         return True
     return False
+
+
+def describe_listener(host: str, port: int, timeout: float = 1.0) -> str:
+    """What listens on host:port, for "port in use" errors: "an etcd (3.5.1)", "an HTTP
+    server that is not etcd (HTTP 404, text/html)", "a TLS server (an etcd on https?)"...
+
+    Asks ``GET /version`` over http, then over https without verifying the certificate
+    (only to name it). Never raises; every wait is bounded by ``timeout``.
+    """
+    name = host.strip("[]")
+    for scheme in ("http", "https"):
+        pool: urllib3.HTTPConnectionPool
+        if scheme == "http":
+            pool = urllib3.HTTPConnectionPool(name, port, maxsize=1, retries=False)
+        else:
+            pool = urllib3.HTTPSConnectionPool(
+                name, port, maxsize=1, retries=False, cert_reqs="CERT_NONE", assert_hostname=False
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                response = pool.request(
+                    "GET", "/version", timeout=urllib3.Timeout(connect=timeout, read=timeout)
+                )
+        except urllib3.exceptions.HTTPError:
+            continue
+        finally:
+            pool.close()
+        try:
+            version = json.loads(response.data).get("etcdserver")
+        except (ValueError, AttributeError):
+            version = None
+        over = "" if scheme == "http" else " on https"
+        if version:
+            return f"an etcd ({version}){over}"
+        kind = response.headers.get("Content-Type", "").split(";")[0].strip()
+        detail = f"HTTP {response.status}" + (f", {kind}" if kind else "")
+        return f"an HTTP server that is not etcd{over} ({detail})"
+    return "a program that does not answer HTTP or HTTPS"
 
 
 def format_host(host: str) -> str:

@@ -39,6 +39,7 @@ from typing import IO, Any, Protocol, TypeVar
 
 import urllib3
 
+from etcd_rendezvous.client._diagnose import summarize_reply
 from etcd_rendezvous.errors import EtcdServerError
 from etcd_rendezvous.server._security import TLSConfig
 
@@ -472,7 +473,8 @@ class HealthChecker:
         ):
             self.last_error = None
             return True
-        self.last_error = f"HTTP {response.status}: {response.data[:200]!r}"
+        reply = summarize_reply(response.data, response.headers.get("Content-Type", ""))
+        self.last_error = f"HTTP {response.status}, {reply}"
         return False
 
     def close(self) -> None:

@@ -31,9 +31,15 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from etcd_rendezvous.errors import EtcdRendezvousError, EtcdServerError, EtcdStartError
+from etcd_rendezvous.errors import (
+    EtcdPortInUseError,
+    EtcdRendezvousError,
+    EtcdServerError,
+    EtcdStartError,
+)
 from etcd_rendezvous.server._binary import etcd_version, find_etcd_binary
 from etcd_rendezvous.server._ports import (
+    describe_listener,
     format_host,
     free_ports,
     http_url,
@@ -107,10 +113,16 @@ def _is_empty_dir(path: str) -> bool:
         return True
 
 
-def _start_error(what: str, proc: EtcdProcess, stderr_redirected: bool) -> EtcdStartError:
+def _start_error(
+    what: str, proc: EtcdProcess, stderr_redirected: bool, *, log_kept: bool = True
+) -> EtcdStartError:
+    """The start error, quoting etcd's log; its path only if the file outlives the error
+    (a log in our temporary dir is removed with it when the start fails)."""
     tail = proc.log_tail()
-    if tail:
+    if tail and log_kept:
         detail = f"; last lines of its log ({proc.log_path}):\n{tail}"
+    elif tail:
+        detail = f"; last lines of its log:\n{tail}"
     elif stderr_redirected:
         detail = "; its log went to the stderr you passed to start()"
     else:
@@ -363,11 +375,17 @@ class EtcdServer:
         if data_dir is None or log_file is None:  # pragma: no cover - set by start()
             raise EtcdServerError("internal error: no data dir")
         may_wipe_data = _is_empty_dir(data_dir)
-        for requested in (self._requested_port, self._requested_peer_port):
+        for requested, argument in (
+            (self._requested_port, "port"),
+            (self._requested_peer_port, "peer_port"),
+        ):
             if requested and port_is_open(self._host, requested):
-                raise EtcdStartError(
-                    f"port {requested} on {self._host} already accepts connections "
-                    "(another etcd?); pass port=0 to pick a free one"
+                raise EtcdPortInUseError(
+                    f"port {requested} on {self._host} is already in use by "
+                    + describe_listener(self._host, requested),
+                    host=self._host,
+                    port=requested,
+                    advice=f"pass {argument}=0 to pick a free one",
                 )
         for attempt in range(attempts):
             self._choose_ports(fresh=attempt > 0)
@@ -404,6 +422,7 @@ class EtcdServer:
                         f"{self._host}): already in use",
                         proc,
                         stderr is not None,
+                        log_kept=self._user_log_file is not None,
                     ) from None
                 if bind_failed and attempt + 1 < attempts and time.monotonic() < deadline:
                     log.warning(
@@ -420,6 +439,7 @@ class EtcdServer:
                     + (f" after {attempts} attempts" if bind_failed else ""),
                     proc,
                     stderr is not None,
+                    log_kept=self._user_log_file is not None,
                 ) from None
             except TLSCheckError as exc:
                 proc.stop(self._stop_timeout)
@@ -427,6 +447,7 @@ class EtcdServer:
                     f"etcd on {self.url} started, but {exc}; check the TLSConfig files",
                     proc,
                     stderr is not None,
+                    log_kept=self._user_log_file is not None,
                 ) from exc
             except TimeoutError:
                 proc.stop(self._stop_timeout)
@@ -435,6 +456,7 @@ class EtcdServer:
                     + (f" (last check: {check.last_error})" if check.last_error else ""),
                     proc,
                     stderr is not None,
+                    log_kept=self._user_log_file is not None,
                 ) from None
             except BaseException:
                 proc.stop(self._stop_timeout)

@@ -32,7 +32,7 @@ from typing import Any
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from etcd_rendezvous.client import Endpoint, EtcdClient
-from etcd_rendezvous.errors import EtcdClientError, EtcdServerError
+from etcd_rendezvous.errors import EtcdClientError, EtcdPortInUseError, EtcdServerError
 from etcd_rendezvous.server import EtcdServer
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,12 @@ def _host(endpoint: Endpoint, fd: int, run_id: str, deadline: float) -> bool:
     )
     try:
         server.start(timeout=max(deadline - time.monotonic(), 5.0), num_retries=1)
+    except EtcdPortInUseError as exc:  # its advice is the library's (port=0)
+        raise RendezvousConnectionError(
+            f"no etcd answers at {endpoint.url} and hosting one there failed: {exc.problem}; "
+            "point --rdzv-endpoint at your etcd, or at localhost:0 to host one on a port "
+            "derived from the run id"
+        ) from exc
     except EtcdServerError as exc:
         raise RendezvousConnectionError(
             f"no etcd answers at {endpoint.url} and hosting one there failed: {exc}"
