@@ -236,6 +236,9 @@ def test_close_of_an_unknown_run_needs_force(etcd_server: EtcdServer, prefix: st
     result = rdzv(etcd_server.endpoint, prefix, "close", "later")
     assert result.exit_code == 1
     assert "no rendezvous 'later'" in result.stderr
+    assert "To close it anyway (every later join of 'later' then fails), pass --force" in (
+        result.stderr
+    )
     forced = rdzv(etcd_server.endpoint, prefix, "close", "later", "--force")
     assert forced.exit_code == 0, forced.output
     with EtcdClient(etcd_server.endpoint) as c:

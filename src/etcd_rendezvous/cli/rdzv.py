@@ -414,7 +414,13 @@ def close_command(
     run_id = _run_id(run_id)
     with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
         if not force:
-            load_run(client, run_id, key_prefix, lease_ttls=False)  # UnknownRunError
+            try:
+                load_run(client, run_id, key_prefix, lease_ttls=False)
+            except UnknownRunError as exc:
+                raise click.ClickException(
+                    f"{exc}. To close it anyway (every later join of {run_id!r} then "
+                    "fails), pass --force"
+                ) from exc
         closed = close_rendezvous(client, run_id, key_prefix)
     if closed.already:
         click.echo(f"rendezvous {run_id} was already closed by {closed.by} at {closed.time or '?'}")
