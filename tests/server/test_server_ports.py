@@ -51,5 +51,5 @@ def test_address_not_on_this_machine_raises_runtime_error() -> None:
 
 
 def test_unresolvable_host_raises_runtime_error() -> None:
-    with pytest.raises(NoFreePortError, match="nosuchhost.invalid"):
+    with pytest.raises(NoFreePortError, match=r"nosuchhost\.invalid"):
         find_free_port("nosuchhost.invalid")

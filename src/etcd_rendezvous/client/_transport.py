@@ -35,6 +35,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from etcd_rendezvous.client._diagnose import summarize_reply, unreachable_advice
 from etcd_rendezvous.client._endpoints import Endpoint, check_tls_files, parse_endpoints
 from etcd_rendezvous.errors import (
     EtcdAuthError,
@@ -119,10 +120,10 @@ def translate_error(
         except ValueError:
             data = None
     if not isinstance(data, dict):
-        shown = bytes(body)[:200] if isinstance(body, bytes | bytearray) else body
+        shown = summarize_reply(bytes(body)) if isinstance(body, bytes | bytearray) else repr(body)
         return EtcdRequestError(
             f"etcd {path} on {endpoint} failed with HTTP {status}{_describe_key(key)}: "
-            f"{shown!r:.300}",
+            f"{shown:.300}",
             endpoint=endpoint,
             key=key,
         )
@@ -394,7 +395,9 @@ class Transport:
                     )
                 except ValueError as exc:
                     raise EtcdRequestError(
-                        f"etcd {path} on {ep} sent invalid JSON: {payload[:200]!r}",
+                        f"etcd {path} on {ep}: the reply is "
+                        f"{summarize_reply(payload, resp.headers.get('Content-Type', ''))}, "
+                        f"not etcd's JSON; is {ep} an etcd client URL?",
                         endpoint=str(ep),
                         key=key,
                     ) from exc
@@ -409,7 +412,7 @@ class Transport:
         raise EtcdUnavailableError(
             f"no etcd endpoint reachable for {path}{_describe_key(key)} (tried {names}): "
             + "; ".join(failures)
-            + ". Is etcd running there?",
+            + unreachable_advice(last_exc, order[-1], client_cert="cert_file" in self._tls),
             endpoint=str(order[-1]),
             key=key,
         ) from last_exc
