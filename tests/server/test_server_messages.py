@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from etcd_rendezvous.cli import main
 from etcd_rendezvous.errors import EtcdPortInUseError, EtcdStartError
 from etcd_rendezvous.pytest_plugin import TLSFiles
-from etcd_rendezvous.server import EtcdServer, TLSConfig, find_free_port
+from etcd_rendezvous.server import EtcdCluster, EtcdServer, TLSConfig, find_free_port
 from etcd_rendezvous.server._process import HealthChecker
 
 
@@ -125,3 +125,19 @@ def test_start_error_cites_a_log_file_the_user_keeps(etcd_binary: str, tmp_path:
     with pytest.raises(EtcdStartError, match=re.escape(f"last lines of its log ({log_file})")):
         server.start()
     assert log_file.exists()
+
+
+@pytest.mark.parametrize("own_data_dir", [False, True])
+def test_cluster_start_error_cites_only_logs_that_exist(
+    etcd_binary: str, tmp_path: Path, own_data_dir: bool
+) -> None:
+    data_dir = tmp_path / "cluster" if own_data_dir else None
+    cluster = EtcdCluster(3, data_dir=data_dir, binary=etcd_binary, extra_args=["--no-such-flag"])
+    with pytest.raises(EtcdStartError) as info:
+        cluster.start(timeout=30)
+    message = str(info.value)
+    assert "last lines of its log" in message
+    cited = _paths_in(message)
+    assert bool(cited) == own_data_dir, message
+    for path in cited:
+        assert os.path.exists(path), f"the message cites {path}, which no longer exists"

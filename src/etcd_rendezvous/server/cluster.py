@@ -430,9 +430,11 @@ class EtcdCluster:
                 if looks_like_bind_error(tail) and attempt + 1 < attempts:
                     log.warning("an etcd member could not bind its ports; retrying with fresh ones")
                     continue
+                # Logs in our temporary dir are removed with it: cite only a kept one.
+                where = f" ({exc.proc.log_path})" if self._user_data_dir is not None else ""
                 raise EtcdStartError(
                     f"etcd cluster member (pid {exc.proc.pid}) exited with code "
-                    f"{exc.proc.returncode} during start; last lines of {exc.proc.log_path}:\n"
+                    f"{exc.proc.returncode} during start; last lines of its log{where}:\n"
                     f"{tail}",
                     returncode=exc.proc.returncode,
                     log_tail=tail,
