@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from etcd_rendezvous.server._process import (
     wait_until_ready,
 )
 from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
+from etcd_rendezvous.server._tempdirs import PREFIX, make_temp_dir
 from etcd_rendezvous.server.server import etcd_argv
 
 if TYPE_CHECKING:
@@ -387,7 +387,7 @@ class EtcdCluster:
             deadline = time.monotonic() + timeout
             base = self._user_data_dir
             if base is None:
-                base = self._workdir = tempfile.mkdtemp(prefix="etcd-rendezvous-cluster-")
+                base = self._workdir = make_temp_dir(f"{PREFIX}cluster-")
             else:
                 os.makedirs(base, exist_ok=True)
             if not self._members:

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from etcd_rendezvous.server._process import (
     wait_until_ready,
 )
 from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
+from etcd_rendezvous.server._tempdirs import make_temp_dir
 
 if TYPE_CHECKING:
     from etcd_rendezvous.client import EtcdClient
@@ -349,7 +349,7 @@ class EtcdServer:
             self._discard_process()
             deadline = time.monotonic() + timeout
             if self._workdir is None:
-                self._workdir = tempfile.mkdtemp(prefix="etcd-rendezvous-")
+                self._workdir = make_temp_dir()  # with an owner marker; stale dirs removed
             try:
                 self._start(deadline, max(1, num_retries), stderr)
             except BaseException:
