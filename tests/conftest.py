@@ -97,7 +97,9 @@ _SUITE_TEMP_ROOT = pytest.StashKey[str]()
 
 def pytest_configure(config: pytest.Config) -> None:
     outer = tempfile.gettempdir()
-    root = tempfile.mkdtemp(prefix="pytest-etcd-rendezvous-tmp-", dir=outer)
+    # Named and marked like the package's own temp dirs: if this session is SIGKILLed,
+    # the next start of any EtcdServer removes the whole root.
+    root = _tempdirs.make_temp_dir(f"{_tempdirs.PREFIX}pytest-")
     config.stash[_SUITE_TEMP_ROOT] = root
     # pytest's own tmp_path dirs stay where they were (and keep its retention rules).
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", outer)

@@ -133,11 +133,14 @@ def read_owner(directory: str) -> Owner | None:
         return None
 
 
-def owner_is_dead(owner: Owner) -> bool:
-    """True only when ``owner`` has certainly exited (any doubt: ``False``)."""
+def owner_is_dead(owner: Owner, here: Owner | None = None) -> bool:
+    """True only when ``owner`` has certainly exited (any doubt: ``False``).
+
+    ``here`` is this process (:func:`current_owner`), passed when judging many.
+    """
     if not sys.platform.startswith("linux"):
         return False
-    here = current_owner()
+    here = here or current_owner()
     if owner.host != here.host:
         return False  # a temp dir shared with another machine: cannot judge
     if owner.boot_id is not None and here.boot_id is not None and owner.boot_id != here.boot_id:
@@ -239,10 +242,11 @@ def remove_stale_dirs(root: str | None = None) -> list[str]:
     """
     root = root if root is not None else tempfile.gettempdir()
     removed: list[str] = []
+    here = current_owner()
     for entry in _candidates(root):
         path = entry.path
         owner = read_owner(path)
-        if owner is None or not owner_is_dead(owner):
+        if owner is None or not owner_is_dead(owner, here):
             continue
         users = _processes_using(path)
         if users:
