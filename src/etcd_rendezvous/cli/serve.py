@@ -168,11 +168,7 @@ class _MemberWatcher:
                 continue
             self._reported.add(proc.pid)
             tail = proc.log_tail(lines=10)
-            log_lines = (
-                f"; the end of its log ({proc.log_path}):\n{_indent(tail)}"
-                if tail
-                else "; its log is empty"
-            )
+            log_lines = f"; the end of its log:\n{_indent(tail)}" if tail else "; its log is empty"
             click.echo(
                 f"ERROR: {what} (pid {proc.pid}) {_exit_status(proc.returncode)}{log_lines}",
                 err=True,
