@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -197,3 +198,31 @@ def test_atexit_backstop_stops_etcd_and_removes_temp_dir(etcd_binary: str) -> No
             child.wait()
         if pid_alive(etcd_pid):
             os.kill(etcd_pid, signal.SIGKILL)
+
+
+def _not_local_address() -> str:
+    address = "192.0.2.1"  # TEST-NET-1: documentation only
+    with socket.socket() as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return address
+    pytest.skip(f"{address} is an address of this machine")
+
+
+@pytest.mark.parametrize("kind", ["server", "cluster"])
+@pytest.mark.parametrize("host", ["not-local", "nosuchhost.invalid"])
+def test_a_host_etcd_cannot_listen_on_is_a_start_error(
+    etcd_binary: str, kind: str, host: str
+) -> None:
+    if host == "not-local":
+        host = _not_local_address()
+    etcd = (
+        EtcdServer(binary=etcd_binary, host=host)
+        if kind == "server"
+        else EtcdCluster(3, binary=etcd_binary, host=host)
+    )
+    with pytest.raises(EtcdStartError, match=f"cannot listen on host '{host}'.*127.0.0.1"):
+        etcd.start()
+    etcd.stop()
+    assert etcd.data_dir is None or not os.path.exists(etcd.data_dir)

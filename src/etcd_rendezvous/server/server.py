@@ -100,6 +100,14 @@ def etcd_argv(
     ]  # fmt: skip
 
 
+def host_error(host: str, exc: OSError) -> str:
+    """Why etcd cannot listen on ``host`` (no free port could be bound there)."""
+    return (
+        f"cannot listen on host {host!r}: {exc}; etcd runs on this machine, so the host must "
+        "be one of its addresses (127.0.0.1 for this machine only)"
+    )
+
+
 def _is_empty_dir(path: str) -> bool:
     try:
         return not os.listdir(path)
@@ -476,7 +484,10 @@ class EtcdServer:
         """Requested ports always; else the last ones (stable endpoint across restarts)."""
         need_client = not self._requested_port and (fresh or not self._port)
         need_peer = not self._requested_peer_port and (fresh or not self._peer_port)
-        ports = free_ports(int(need_client) + int(need_peer), self._host)
+        try:
+            ports = free_ports(int(need_client) + int(need_peer), self._host)
+        except OSError as exc:  # not an address of this machine, or a name that won't resolve
+            raise EtcdStartError(host_error(self._host, exc)) from exc
         if need_client:
             self._port = ports.pop(0)
         if need_peer:
