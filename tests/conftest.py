@@ -7,11 +7,20 @@ Session scope: servers start once per binary.
 
 At the end of the session, any etcd process this interpreter started and that is
 still running fails the run (and is stopped), so leaks are noticed, not inherited.
+
+The session also gets a private temp root (``TMPDIR`` and ``tempfile.tempdir``, so
+every subprocess, torchrun agent and etcd of the suite uses it too). At the end the
+dirs of dead owners in it are removed, as the next start would; any etcd temp dir
+still left (a server never stopped, an etcd still running, a dir without an owner
+marker) fails the run; then the whole root is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +28,13 @@ from typing import Any
 import pytest
 
 from etcd_rendezvous.client import EtcdClient
-from etcd_rendezvous.server import EtcdBinary, EtcdServer, find_etcd_binary, list_etcd_binaries
+from etcd_rendezvous.server import (
+    EtcdBinary,
+    EtcdServer,
+    _tempdirs,
+    find_etcd_binary,
+    list_etcd_binaries,
+)
 from etcd_rendezvous.server._binary import etcd_version
 from etcd_rendezvous.server._process import live_processes
 
@@ -78,20 +93,75 @@ def key_prefix(etcd_server: EtcdServer) -> Iterator[str]:
         client.delete(prefix + "-store/", prefix=True)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaked = live_processes()
-    if not leaked:
-        return
-    descriptions = [f"pid {p.pid}: {' '.join(p.argv[:3])} ..." for p in leaked]
-    for proc in leaked:
-        proc.kill()
-    message = (
-        f"{len(leaked)} etcd process(es) started by the test suite were still running at the "
-        "end (now killed):\n  " + "\n  ".join(descriptions)
-    )
+_SUITE_TEMP_ROOT = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    outer = tempfile.gettempdir()
+    # Named and marked like the package's own temp dirs: if this session is SIGKILLed,
+    # the next start of any EtcdServer removes the whole root.
+    root = _tempdirs.make_temp_dir(f"{_tempdirs.PREFIX}pytest-")
+    config.stash[_SUITE_TEMP_ROOT] = root
+    # pytest's own tmp_path dirs stay where they were (and keep its retention rules).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", outer)
+    os.environ["TMPDIR"] = root
+    tempfile.tempdir = root
+
+
+def _etcd_temp_dirs_left(root: str) -> list[str]:
+    """Describe the etcd temp dirs under ``root`` (the suite's), one line each."""
+    lines = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.startswith(_tempdirs.PREFIX) or not os.path.isdir(path):
+            continue
+        owner = _tempdirs.read_owner(path)
+        if owner is None:
+            who = "no owner marker"
+        else:
+            state = "dead" if _tempdirs.owner_is_dead(owner) else "alive"
+            who = f"owner pid {owner.pid} ({state})"
+        size = 0
+        for parent, _, files in os.walk(path):
+            for file in files:
+                with contextlib.suppress(OSError):
+                    size += os.path.getsize(os.path.join(parent, file))
+        lines.append(f"{path}: {who}, {size / 1e6:.0f} MB")
+    return lines
+
+
+def _report(session: pytest.Session, message: str) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.ensure_newline()
         reporter.write_line(message, red=True, bold=True)
     else:  # pragma: no cover
         os.write(2, (message + "\n").encode())
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaked = live_processes()
+    if leaked:
+        descriptions = [f"pid {p.pid}: {' '.join(p.argv[:3])} ..." for p in leaked]
+        for proc in leaked:
+            proc.kill()
+        _report(
+            session,
+            f"{len(leaked)} etcd process(es) started by the test suite were still running at "
+            "the end (now killed):\n  " + "\n  ".join(descriptions),
+        )
+    root = session.config.stash.get(_SUITE_TEMP_ROOT, None)
+    if root is None or not os.path.isdir(root):
+        return
+    try:
+        stale = _tempdirs.remove_stale_dirs(root)
+        left = _etcd_temp_dirs_left(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if left:
+        _report(
+            session,
+            f"the test suite left {len(left)} etcd temp dir(s) behind besides the "
+            f"{len(stale)} of dead parents (all now removed):\n  " + "\n  ".join(left),
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from _server_http import get, healthy, put
 
 from etcd_rendezvous.errors import EtcdServerError, EtcdStartError
-from etcd_rendezvous.server import EtcdServer, _ports, find_free_port
+from etcd_rendezvous.server import EtcdServer, _ports, _tempdirs, find_free_port
 from etcd_rendezvous.server import server as server_module
 
 
@@ -160,3 +162,107 @@ def test_server_started_in_a_short_lived_thread_survives_the_thread(etcd_binary:
         assert healthy(server.url)
     finally:
         server.stop()
+
+
+# --- temporary dirs left by dead owners -----------------------------------------------------
+
+
+@pytest.fixture
+def temp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def _dead_owner() -> _tempdirs.Owner:
+    """The identity of a process that has exited (and was reaped)."""
+    proc = subprocess.Popen(["sleep", "30"])
+    start = _tempdirs.process_start_time(proc.pid)
+    proc.kill()
+    proc.wait()
+    here = _tempdirs.current_owner()
+    return _tempdirs.Owner(proc.pid, start, here.boot_id, here.pid_namespace, here.host)
+
+
+def _fake_dir(root: Path, name: str, owner: _tempdirs.Owner | None) -> Path:
+    path = root / name
+    (path / "data" / "member" / "wal").mkdir(parents=True)
+    (path / "data" / "member" / "wal" / "0.tmp").write_bytes(b"\0" * 1024)
+    if owner is not None:
+        _tempdirs.write_owner(str(path), owner)
+    return path
+
+
+def test_stale_dir_rules(temp_root: Path) -> None:
+    here = _tempdirs.current_owner()
+    dead = _dead_owner()
+    assert _tempdirs.owner_is_dead(dead)
+    assert not _tempdirs.owner_is_dead(here)
+    stale = _fake_dir(temp_root, "etcd-rendezvous-dead0001", dead)
+    stale_cluster = _fake_dir(temp_root, "etcd-rendezvous-cluster-dead0002", dead)
+    pid_reused = _fake_dir(
+        temp_root,
+        "etcd-rendezvous-reused01",
+        _tempdirs.Owner(
+            here.pid, (here.start_time or 0) + 1, here.boot_id, here.pid_namespace, here.host
+        ),
+    )
+    rebooted = _fake_dir(
+        temp_root,
+        "etcd-rendezvous-reboot01",
+        _tempdirs.Owner(here.pid, here.start_time, "another-boot", None, here.host),
+    )
+    kept = {
+        "alive": _fake_dir(temp_root, "etcd-rendezvous-alive001", here),
+        "no marker": _fake_dir(temp_root, "etcd-rendezvous-nomarker", None),
+        "other container": _fake_dir(
+            temp_root,
+            "etcd-rendezvous-otherns1",
+            _tempdirs.Owner(dead.pid, dead.start_time, dead.boot_id, "pid:[1]", dead.host),
+        ),
+        "other host": _fake_dir(
+            temp_root,
+            "etcd-rendezvous-otherhst",
+            _tempdirs.Owner(dead.pid, dead.start_time, dead.boot_id, dead.pid_namespace, "h2"),
+        ),
+        "not ours": _fake_dir(temp_root, "unrelated-dir", dead),
+    }
+    (temp_root / "etcd-rendezvous-corrupt1").mkdir()
+    (temp_root / "etcd-rendezvous-corrupt1" / _tempdirs.OWNER_FILE).write_text("{nope")
+    in_use = _fake_dir(temp_root, "etcd-rendezvous-inuse001", dead)
+    script = "import time; time.sleep(30)"
+    user = subprocess.Popen([sys.executable, "-c", script, "--data-dir", str(in_use / "data")])
+    try:
+        removed = _tempdirs.remove_stale_dirs(str(temp_root))
+    finally:
+        user.kill()
+        user.wait()
+    assert sorted(removed) == sorted(map(str, [stale, stale_cluster, pid_reused, rebooted]))
+    for path in (stale, stale_cluster, pid_reused, rebooted):
+        assert not path.exists()
+    for why, path in kept.items():
+        assert path.is_dir(), f"a dir with {why} must be kept"
+    assert (temp_root / "etcd-rendezvous-corrupt1").is_dir()
+    assert in_use.is_dir(), "a dir that a running process (an orphaned etcd) uses must be kept"
+    assert _tempdirs.remove_stale_dirs(str(temp_root)) == [str(in_use)]
+
+
+def test_user_data_dir_in_the_temp_root_is_never_removed(etcd_binary: str, temp_root: Path) -> None:
+    user_dir = temp_root / "etcd-rendezvous-mine"
+    with EtcdServer(user_dir, binary=etcd_binary) as server:
+        put(server.url, b"k", b"v")
+        assert not (user_dir / _tempdirs.OWNER_FILE).exists()
+    with EtcdServer(binary=etcd_binary):
+        pass
+    assert _tempdirs.remove_stale_dirs(str(temp_root)) == []
+    assert user_dir.is_dir() and any(user_dir.iterdir())
+
+
+def test_a_removal_cut_short_is_finished_by_the_next_start(
+    etcd_binary: str, temp_root: Path
+) -> None:
+    stale = _fake_dir(temp_root, "etcd-rendezvous-halfgone", _dead_owner())
+    (stale / "data" / "member" / "wal" / "0.tmp").unlink()  # as if rmtree stopped halfway
+    with EtcdServer(binary=etcd_binary):
+        assert not stale.exists()

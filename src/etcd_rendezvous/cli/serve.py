@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 from types import FrameType
 
@@ -11,7 +12,7 @@ import click
 
 from etcd_rendezvous.cli._output import fail, progress
 from etcd_rendezvous.errors import EtcdRendezvousError
-from etcd_rendezvous.server import EtcdCluster, EtcdServer
+from etcd_rendezvous.server import EtcdCluster, EtcdProcess, EtcdServer
 
 _LIVENESS_CHECK_S = 0.5
 
@@ -58,11 +59,18 @@ _LIVENESS_CHECK_S = 0.5
 def serve(
     members: int, host: str, port: int, data_dir: str | None, binary: str | None, as_json: bool
 ) -> None:
-    """Start etcd and serve until Ctrl-C or SIGTERM, then stop it and clean up."""
+    """Start etcd and serve until Ctrl-C or SIGTERM, then stop it and clean up.
+
+    A member that exits on its own is reported at once, with its exit status and the
+    end of its log. A cluster keeps serving (with a warning) while a quorum of its
+    members runs, and exits with status 1 when the quorum is lost; a single member
+    that exits ends serve with status 1.
+    """
     if members > 1 and port:
         raise click.BadParameter(
             "--port applies to a single member; a cluster picks free ports", param_hint="--port"
         )
+    _check_host(host)
     stop_requested = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -71,37 +79,128 @@ def serve(
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     etcd: EtcdServer | EtcdCluster
     try:
-        if members == 1:
-            etcd = EtcdServer(data_dir, binary=binary, host=host, port=port)
-        else:
-            etcd = EtcdCluster(members, binary=binary, host=host, data_dir=data_dir)
         what = "etcd" if members == 1 else f"an etcd cluster of {members} members"
         try:
+            if members == 1:
+                etcd = EtcdServer(data_dir, binary=binary, host=host, port=port)
+            else:
+                etcd = EtcdCluster(members, binary=binary, host=host, data_dir=data_dir)
             with progress(f"Starting {what}", quiet=as_json):
                 etcd.start()
         except EtcdRendezvousError as exc:
             raise fail(exc) from exc
+        except OSError as exc:  # ports or temp dir on this host: a clean error, not a trace
+            raise click.ClickException(f"could not start {what} on {host}: {exc}") from exc
         try:
             _announce(etcd, as_json)
+            watcher = _MemberWatcher(etcd)
             while not stop_requested.wait(_LIVENESS_CHECK_S):
-                if not _alive(etcd):
-                    raise click.ClickException("etcd exited unexpectedly; see its log above")
+                watcher.check()
         finally:
-            with progress("Stopping etcd", quiet=as_json):
-                etcd.stop()
+            try:
+                with progress("Stopping etcd", quiet=as_json):
+                    etcd.stop()
+            except EtcdRendezvousError as exc:
+                raise fail(exc) from exc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def _check_host(host: str) -> None:
+    """``--host`` must name an address of this machine (etcd listens on it)."""
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise click.BadParameter(
+            f"cannot resolve {host!r} ({exc}); give an address of this machine, "
+            "e.g. 127.0.0.1 (this machine only) or the address of one of its interfaces",
+            param_hint="--host",
+        ) from exc
+    errors: list[str] = []
+    for family, type_, proto, _, sockaddr in infos:
+        with socket.socket(family, type_, proto) as sock:
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
+                continue
+            return
+    raise click.BadParameter(
+        f"{host!r} is not an address of this machine, so etcd cannot listen on it "
+        f"({'; '.join(errors)}); serve runs etcd here: give 127.0.0.1 (this machine only) "
+        "or the address of one of its interfaces (see `ip -brief address`)",
+        param_hint="--host",
+    )
+
+
+def _exit_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "exited"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class _MemberWatcher:
+    """Notices members that exit on their own; reports each once; decides whether to go on."""
+
+    def __init__(self, etcd: EtcdServer | EtcdCluster) -> None:
+        self._etcd = etcd
+        self._reported: set[int] = set()
+        self._warned_dead = 0
+
+    def _processes(self) -> list[tuple[str, EtcdProcess | None]]:
+        if isinstance(self._etcd, EtcdServer):
+            return [("etcd", self._etcd.process)]
+        return [(f"etcd member {m.name}", m.process) for m in self._etcd.members]
+
+    def check(self) -> None:
+        """Report new deaths; raise ClickException when serving cannot go on."""
+        processes = self._processes()
+        for what, proc in processes:
+            if proc is None or proc.is_running or proc.pid in self._reported:
+                continue
+            self._reported.add(proc.pid)
+            tail = proc.log_tail(lines=10)
+            log_lines = f"; the end of its log:\n{_indent(tail)}" if tail else "; its log is empty"
+            click.echo(
+                f"ERROR: {what} (pid {proc.pid}) {_exit_status(proc.returncode)}{log_lines}",
+                err=True,
+            )
+        running = sum(1 for _, proc in processes if proc is not None and proc.is_running)
+        if isinstance(self._etcd, EtcdServer):
+            if running == 0:
+                raise click.ClickException("etcd exited unexpectedly (see above); stopping")
+            return
+        total = len(processes)
+        quorum = total // 2 + 1
+        dead = total - running
+        if running < quorum:
+            raise click.ClickException(
+                f"the etcd cluster lost its quorum: {running} of {total} members running, "
+                f"{quorum} needed; stopping"
+            )
+        if dead and dead > self._warned_dead:
+            self._warned_dead = dead
+            click.echo(
+                f"WARNING: the etcd cluster keeps serving on {running} of {total} members; "
+                f"it needs {quorum}, so {running - quorum + 1} more lost member(s) stop it",
+                err=True,
+            )
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
 def _endpoints(etcd: EtcdServer | EtcdCluster) -> list[str]:
     return [etcd.endpoint] if isinstance(etcd, EtcdServer) else list(etcd.endpoints)
-
-
-def _alive(etcd: EtcdServer | EtcdCluster) -> bool:
-    if isinstance(etcd, EtcdServer):
-        return etcd.is_running
-    return any(member.is_running for member in etcd.members)
 
 
 def _announce(etcd: EtcdServer | EtcdCluster, as_json: bool) -> None:

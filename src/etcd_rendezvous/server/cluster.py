@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ from etcd_rendezvous.server._process import (
     wait_until_ready,
 )
 from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
-from etcd_rendezvous.server.server import etcd_argv
+from etcd_rendezvous.server._tempdirs import PREFIX, make_temp_dir
+from etcd_rendezvous.server.server import etcd_argv, host_error
 
 if TYPE_CHECKING:
     from etcd_rendezvous.client import EtcdClient
@@ -387,7 +387,7 @@ class EtcdCluster:
             deadline = time.monotonic() + timeout
             base = self._user_data_dir
             if base is None:
-                base = self._workdir = tempfile.mkdtemp(prefix="etcd-rendezvous-cluster-")
+                base = self._workdir = make_temp_dir(f"{PREFIX}cluster-")
             else:
                 os.makedirs(base, exist_ok=True)
             if not self._members:
@@ -413,7 +413,10 @@ class EtcdCluster:
     def _start(self, deadline: float, attempts: int, may_wipe: bool) -> None:
         for attempt in range(attempts):
             if attempt > 0 or not self._members[0].client_port:
-                ports = free_ports(2 * self._size, self.host)
+                try:
+                    ports = free_ports(2 * self._size, self.host)
+                except OSError as exc:  # not an address of this machine, or no such name
+                    raise EtcdStartError(host_error(self.host, exc)) from exc
                 for i, member in enumerate(self._members):
                     member.client_port, member.peer_port = ports[2 * i], ports[2 * i + 1]
                 self.token = f"etcd-rendezvous-{ports[0]}"

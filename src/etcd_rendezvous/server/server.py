@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ from etcd_rendezvous.server._process import (
     wait_until_ready,
 )
 from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
+from etcd_rendezvous.server._tempdirs import make_temp_dir
 
 if TYPE_CHECKING:
     from etcd_rendezvous.client import EtcdClient
@@ -104,6 +104,14 @@ def etcd_argv(
         *(tls.etcd_args() if tls is not None else ()),
         *extra_args,
     ]  # fmt: skip
+
+
+def host_error(host: str, exc: OSError) -> str:
+    """Why etcd cannot listen on ``host`` (no free port could be bound there)."""
+    return (
+        f"cannot listen on host {host!r}: {exc}; etcd runs on this machine, so the host must "
+        "be one of its addresses (127.0.0.1 for this machine only)"
+    )
 
 
 def _is_empty_dir(path: str) -> bool:
@@ -361,7 +369,7 @@ class EtcdServer:
             self._discard_process()
             deadline = time.monotonic() + timeout
             if self._workdir is None:
-                self._workdir = tempfile.mkdtemp(prefix="etcd-rendezvous-")
+                self._workdir = make_temp_dir()  # with an owner marker; stale dirs removed
             try:
                 self._start(deadline, max(1, num_retries), stderr)
             except BaseException:
@@ -498,7 +506,10 @@ class EtcdServer:
         """Requested ports always; else the last ones (stable endpoint across restarts)."""
         need_client = not self._requested_port and (fresh or not self._port)
         need_peer = not self._requested_peer_port and (fresh or not self._peer_port)
-        ports = free_ports(int(need_client) + int(need_peer), self._host)
+        try:
+            ports = free_ports(int(need_client) + int(need_peer), self._host)
+        except OSError as exc:  # not an address of this machine, or a name that won't resolve
+            raise EtcdStartError(host_error(self._host, exc)) from exc
         if need_client:
             self._port = ports.pop(0)
         if need_peer:
