@@ -123,7 +123,9 @@ class LabNode:
         deadline = time.monotonic() + timeout
         while not (found := self.logged(text)):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.node_id} never logged {text!r}:\n" + "\n".join(self.log[-30:]))
+                raise AssertionError(
+                    f"{self.node_id} never logged {text!r}:\n" + "\n".join(self.log[-30:])
+                )
             time.sleep(0.05)
         return found[0]
 

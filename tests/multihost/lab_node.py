@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "rendezvous"))
 
-import rdzv_node  # noqa: E402
+import rdzv_node
 
 if __name__ == "__main__":
     logging.basicConfig(

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 HOSTS_DIR = Path("/etc/netns")
-LOCK_FILE = Path("/run/lock/etcd-rendezvous-netlab.lock")
 SUBNET_BASE = "10.213"
 _NAME = re.compile(r"^mh(\d+)l\d+")
 _labs = itertools.count()
@@ -123,6 +122,16 @@ def _kill_netns_processes(netns: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"processes in network namespace {netns} survive SIGKILL: {pids}")
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def clean_stale() -> list[str]:
@@ -295,9 +304,8 @@ class Lab:
         with _open_lock:
             _open.add(self)
         try:
-            LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-            with LOCK_FILE.open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # choose a subnet and claim it atomically
+            NETNS_DIR.mkdir(parents=True, exist_ok=True)
+            with _locked(NETNS_DIR):  # choose a subnet and claim it, one lab at a time
                 clean_stale()
                 self.workdir.mkdir(mode=0o700)
                 self.network = self._free_subnet()
@@ -327,7 +335,7 @@ class Lab:
                     used.add(ipaddress.ip_interface(word).network)
         start = os.getpid() % 250
         for offset in range(250):
-            net = ipaddress.ip_network(f"{SUBNET_BASE}.{(start + offset) % 250 + 1}.0/24")
+            net = ipaddress.IPv4Network(f"{SUBNET_BASE}.{(start + offset) % 250 + 1}.0/24")
             if not any(net.overlaps(u) for u in used):
                 return net
         raise LabError(f"no free {SUBNET_BASE}.X.0/24 subnet (all in use)")
@@ -379,15 +387,19 @@ class Lab:
 
     def leftovers(self) -> list[str]:
         """What of this lab still exists (empty after :meth:`close`)."""
-        left = [n for n in (NETNS_DIR.iterdir() if NETNS_DIR.is_dir() else []) if n.name.startswith(self.prefix)]
-        links = [
-            line.split(":", 2)[1].strip()
-            for line in _ip("-o", "link", "show").splitlines()
-            if line.split(":", 2)[1].strip().startswith(self.prefix)
-        ]
-        files = list(HOSTS_DIR.glob(f"{self.prefix}*")) if HOSTS_DIR.is_dir() else []
-        files += [self.workdir] if self.workdir.exists() else []
-        return [str(x) for x in left] + links + [str(f) for f in files]
+        return leftovers(self.prefix)
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Namespaces, links, hosts files and data dirs whose name starts with ``prefix``."""
+    found = [str(p) for p in NETNS_DIR.glob(f"{prefix}*")] if NETNS_DIR.is_dir() else []
+    for line in _ip("-o", "link", "show").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) > 1 and parts[1].strip().startswith(prefix):
+            found.append(parts[1].strip())
+    found += [str(p) for p in HOSTS_DIR.glob(f"{prefix}*")] if HOSTS_DIR.is_dir() else []
+    found += [str(p) for p in Path(tempfile.gettempdir()).glob(f"{prefix}*")]
+    return found
 
 
 @atexit.register

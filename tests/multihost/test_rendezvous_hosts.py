@@ -34,6 +34,11 @@ def start(lab: Lab) -> dict[str, LabNode]:
     return nodes
 
 
+def rejoin(*nodes: LabNode) -> None:
+    for node in nodes:
+        node.rejoin()
+
+
 def histories(nodes: dict[str, LabNode]) -> dict[str, list[dict[str, object]]]:
     return {name: n.drain() for name, n in nodes.items()}
 
@@ -44,10 +49,10 @@ def test_a_killed_host_is_evicted(make_lab: Callable[[list[str]], Lab], power_of
     so the probe evicts at once. Powered off (link down too): no verdict, the lease does."""
     lab = make_lab(["a", "b", "c", "d"])
     nodes = start(lab)
-    b, c, d = nodes["b"], nodes["c"], nodes["d"]
+    b, c = nodes["b"], nodes["c"]
     lab["d"].kill(power_off=power_off)
     assert lab["d"].pids() == []
-    b.rejoin(), c.rejoin()
+    rejoin(b, c)
     second = [b.assigned(ROUND, round_=2), c.assigned(ROUND, round_=2)]
     assert sorted(second[0]["members"]) == ["b", "c"], second
     assert second[0]["causes"] == ["node_lost"], second
@@ -68,7 +73,7 @@ def test_a_partitioned_host_gives_no_verdict_then_rejoins(
     b, c, d = nodes["b"], nodes["c"], nodes["d"]
     lab["d"].partition()
     try:
-        b.rejoin(), c.rejoin()
+        rejoin(b, c)
         second = [b.assigned(ROUND, round_=2), c.assigned(ROUND, round_=2)]
         assert sorted(second[0]["members"]) == ["b", "c"], second
         assert second[0]["causes"] == ["node_lost"], second
@@ -98,12 +103,12 @@ def test_a_name_resolving_to_the_wrong_address_only_costs_speed(
     for name in "bc":
         lab[name].resolve("d", lab[wrong].address if wrong in lab.hosts else wrong)
     nodes = start(lab)
-    b, c, d = nodes["b"], nodes["c"], nodes["d"]
-    b.rejoin(), c.rejoin()  # probes of d (refused at a wrong address): no verdict
+    b, c = nodes["b"], nodes["c"]
+    rejoin(b, c)  # probes of d (refused at a wrong address): no verdict
     second = [n.assigned(ROUND, round_=2) for n in nodes.values()]
     assert sorted(second[0]["members"]) == ["b", "c", "d"], second
     lab["d"].kill()
-    b.rejoin(), c.rejoin()
+    rejoin(b, c)
     third = [b.assigned(ROUND, round_=3), c.assigned(ROUND, round_=3)]
     assert sorted(third[0]["members"]) == ["b", "c"], third
     assert not evictions_by_probe([b, c], "d"), "refused where d never answered: no verdict"
