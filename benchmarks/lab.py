@@ -1,0 +1,204 @@
+"""The multi-host test bed as a tool (issue 11): torchrun jobs across lab hosts, one killed.
+
+Builds a lab (``tests/multihost/netlab.py``: one network namespace per host, each with
+its own address and name on a bridge; run as root), and per run: an etcd member on host
+``etcd`` (for the etcd backends), one ``torchrun`` agent on each of ``h0`` ...
+``h<N-1>`` (``--nnodes=2:N --nproc-per-node=1 --max-restarts=3``, gloo workers in a
+training-like loop, ``tests/e2e/native_worker.py``), every one reaching the rendezvous
+by host name. Once all N workers run, the victim host is killed (every process on it:
+agent and worker; ``--power-off`` also takes its link down, so connections to it time
+out instead of being refused). Measured: the time from the kill until the N-1
+survivors' workers run again in a world of N-1; then they are told to finish and must
+exit 0.
+
+Victims (``--victims``): ``endpoint`` is ``h0``, the host named in ``--rdzv-endpoint``
+for ``c10d`` (its agent hosts the TCPStore: c10d is expected to die with it; for the
+etcd backends ``h0`` is one agent like the others, etcd runs on a host of its own);
+``agent`` is ``h<N-1>``, a host that holds no store.
+
+    python benchmarks/lab.py --scenario kill-host [--hosts 4] [--runs 1]
+        [--backends etcd-v3,c10d] [--victims endpoint,agent] [--bound 90] [--power-off]
+
+Prints a markdown table: per backend and victim, the median recovery (a run that did not
+recover counts as longer than the bound), min-max of recovered runs, runs recovered,
+runs whose survivors finished cleanly. Each lab is removed after its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from multihost.harness import start_etcd  # noqa: E402
+from multihost.netlab import Lab, unavailable  # noqa: E402
+
+WORKER = ROOT / "tests" / "e2e" / "native_worker.py"
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+ETCD_BACKENDS = ("etcd-v3", "etcd-v3-dynamic")
+C10D_PORT = 29400
+
+
+@dataclass
+class Run:
+    backend: str
+    victim: str
+    recovery: float | None = None  # seconds from the kill to the survivors running again
+    finished: bool = False  # the survivors then exited 0
+    note: str = ""
+
+
+def wait_for(cond: Callable[[], bool], deadline: float, step: float = 0.05) -> bool:
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+def started(markers: Path, world: int) -> list[float]:
+    """Start times (wall clock) of the workers that ran in a world of ``world``."""
+    times: list[float] = []
+    for path in markers.glob(f"started-*-w{world}"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            times.append(float(path.read_text().split()[2]))
+    return sorted(times)
+
+
+def one_run(backend: str, victim: str, n: int, bound: float, power_off: bool) -> Run:
+    run = Run(backend, victim)
+    names = ["etcd", *(f"h{i}" for i in range(n))] if backend in ETCD_BACKENDS else None
+    with Lab(names or [f"h{i}" for i in range(n)]) as lab:
+        endpoint = (
+            start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
+        )
+        markers, finish = lab.workdir / "markers", lab.workdir / "finish"
+        markers.mkdir()
+        env = {
+            **os.environ,
+            "E2E_MARKER_DIR": str(markers),
+            "E2E_FINISH_FILE": str(finish),
+            "E2E_EXPECT_WORLD": str(n - 1),
+            "E2E_MAX_SECONDS": str(int(bound) + 30),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        argv = [
+            TORCHRUN,
+            f"--nnodes=2:{n}",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+            f"--rdzv-backend={backend}",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
+            str(WORKER),
+        ]
+        agents = {}
+        for i in range(n):
+            host = lab[f"h{i}"]
+            with open(lab.workdir / f"{host.name}.log", "wb") as out:
+                agents[host.name] = host.spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + bound
+        if not wait_for(lambda: len(started(markers, n)) >= n, deadline):
+            run.note = f"the {n} agents never ran together"
+            log_tail(lab, run)
+            return run
+        time.sleep(1.0)  # a little training
+        dead = "h0" if victim == "endpoint" else f"h{n - 1}"
+        killed = time.time()
+        lab[dead].kill(power_off=power_off)
+        if not wait_for(lambda: len(started(markers, n - 1)) >= n - 1, deadline):
+            run.note = "the survivors did not run again in time"
+            return run
+        run.recovery = started(markers, n - 1)[n - 2] - killed
+        finish.touch()
+        end = time.monotonic() + 30
+        codes: list[int | None] = []
+        for name, proc in agents.items():
+            if name == dead:
+                continue
+            try:
+                codes.append(proc.wait(max(0.1, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        run.finished = all(code == 0 for code in codes)
+        if not run.finished:
+            run.note = f"survivors exited {codes}"
+    return run
+
+
+def log_tail(lab: Lab, run: Run) -> None:
+    for path in sorted(lab.workdir.glob("h*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-5:]
+        logging.getLogger("lab").info("%s %s:\n%s", run.backend, path.name, "\n".join(tail))
+
+
+def table(runs: list[Run], backends: list[str], victims: list[str], bound: float) -> str:
+    rows = [
+        "| backend | victim | median recovery | min - max | recovered | finished |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for victim in victims:
+        for backend in backends:
+            mine = [r for r in runs if r.backend == backend and r.victim == victim]
+            times = [r.recovery if r.recovery is not None else math.inf for r in mine]
+            ok = [t for t in times if t != math.inf]
+            median = statistics.median(times) if times else math.inf
+            shown = f"{median:.1f} s" if median != math.inf else f"> {bound:.0f} s"
+            spread = f"{min(ok):.1f} - {max(ok):.1f} s" if ok else "-"
+            rows.append(
+                f"| {backend} | {victim} | {shown} | {spread} | {len(ok)}/{len(mine)} "
+                f"| {sum(r.finished for r in mine)}/{len(mine)} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--scenario", choices=["kill-host"], default="kill-host")
+    parser.add_argument("--hosts", type=int, default=4, help="agent hosts (>= 3)")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--backends", default="etcd-v3,c10d")
+    parser.add_argument("--victims", default="endpoint,agent")
+    parser.add_argument("--bound", type=float, default=90.0)
+    parser.add_argument("--power-off", action="store_true", help="the victim's link too")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    reason = unavailable()
+    if reason:
+        parser.exit(2, f"lab.py: {reason}\n")
+    if args.hosts < 3:
+        parser.error("--hosts must be at least 3 (2:N nodes, one killed)")
+    backends, victims = args.backends.split(","), args.victims.split(",")
+    if bad := [v for v in victims if v not in ("endpoint", "agent")]:
+        parser.error(f"unknown victims {bad}: choose from endpoint, agent")
+    runs: list[Run] = []
+    for _ in range(args.runs):
+        for victim in victims:
+            for backend in backends:
+                run = one_run(backend, victim, args.hosts, args.bound, args.power_off)
+                logging.getLogger("lab").info("%s", run)
+                runs.append(run)
+    how = "processes killed and link down" if args.power_off else "every process killed"
+    print(  # noqa: T201
+        f"kill-host: {args.hosts} hosts x 1 agent (--nnodes=2:{args.hosts}), gloo; "
+        f"victim host: {how}; {args.runs} run(s) per row\n"
+    )
+    print(table(runs, backends, victims, args.bound))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
