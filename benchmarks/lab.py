@@ -82,9 +82,7 @@ def one_run(backend: str, victim: str, n: int, bound: float, power_off: bool) ->
     run = Run(backend, victim)
     names = ["etcd", *(f"h{i}" for i in range(n))] if backend in ETCD_BACKENDS else None
     with Lab(names or [f"h{i}" for i in range(n)]) as lab:
-        endpoint = (
-            start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
-        )
+        endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
         markers, finish = lab.workdir / "markers", lab.workdir / "finish"
         markers.mkdir()
         env = {
@@ -193,11 +191,11 @@ def main() -> None:
                 logging.getLogger("lab").info("%s", run)
                 runs.append(run)
     how = "processes killed and link down" if args.power_off else "every process killed"
-    print(  # noqa: T201
+    print(
         f"kill-host: {args.hosts} hosts x 1 agent (--nnodes=2:{args.hosts}), gloo; "
         f"victim host: {how}; {args.runs} run(s) per row\n"
     )
-    print(table(runs, backends, victims, args.bound))  # noqa: T201
+    print(table(runs, backends, victims, args.bound))
 
 
 if __name__ == "__main__":
