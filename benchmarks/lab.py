@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,63 +79,77 @@ def started(markers: Path, world: int) -> list[float]:
     return sorted(times)
 
 
-def one_run(backend: str, victim: str, n: int, bound: float, power_off: bool) -> Run:
+def one_run(
+    backend: str, victim: str, n: int, bound: float, power_off: bool, keep: Path | None = None
+) -> Run:
     run = Run(backend, victim)
     names = ["etcd", *(f"h{i}" for i in range(n))] if backend in ETCD_BACKENDS else None
     with Lab(names or [f"h{i}" for i in range(n)]) as lab:
-        endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
-        markers, finish = lab.workdir / "markers", lab.workdir / "finish"
-        markers.mkdir()
-        env = {
-            **os.environ,
-            "E2E_MARKER_DIR": str(markers),
-            "E2E_FINISH_FILE": str(finish),
-            "E2E_EXPECT_WORLD": str(n - 1),
-            "E2E_MAX_SECONDS": str(int(bound) + 30),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        argv = [
-            TORCHRUN,
-            f"--nnodes=2:{n}",
-            "--nproc-per-node=1",
-            "--max-restarts=3",
-            f"--rdzv-backend={backend}",
-            f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
-            str(WORKER),
-        ]
-        agents = {}
-        for i in range(n):
-            host = lab[f"h{i}"]
-            with open(lab.workdir / f"{host.name}.log", "wb") as out:
-                agents[host.name] = host.spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + bound
-        if not wait_for(lambda: len(started(markers, n)) >= n, deadline):
-            run.note = f"the {n} agents never ran together"
-            log_tail(lab, run)
-            return run
-        time.sleep(1.0)  # a little training
-        dead = "h0" if victim == "endpoint" else f"h{n - 1}"
-        killed = time.time()
-        lab[dead].kill(power_off=power_off)
-        if not wait_for(lambda: len(started(markers, n - 1)) >= n - 1, deadline):
-            run.note = "the survivors did not run again in time"
-            return run
-        run.recovery = started(markers, n - 1)[n - 2] - killed
-        finish.touch()
-        end = time.monotonic() + 30
-        codes: list[int | None] = []
-        for name, proc in agents.items():
-            if name == dead:
-                continue
-            try:
-                codes.append(proc.wait(max(0.1, end - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                codes.append(None)
-        run.finished = all(code == 0 for code in codes)
-        if not run.finished:
-            run.note = f"survivors exited {codes}"
+        try:
+            return _run(lab, run, n, bound, power_off)
+        finally:
+            if keep is not None:  # the agents' logs, before the lab is removed
+                into = keep / f"{backend}-{victim}-{uuid.uuid4().hex[:6]}"
+                into.mkdir(parents=True)
+                for path in lab.workdir.glob("h*.log"):
+                    shutil.copy(path, into / path.name)
+
+
+def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool) -> Run:
+    backend, victim = run.backend, run.victim
+    endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
+    markers, finish = lab.workdir / "markers", lab.workdir / "finish"
+    markers.mkdir()
+    env = {
+        **os.environ,
+        "E2E_MARKER_DIR": str(markers),
+        "E2E_FINISH_FILE": str(finish),
+        "E2E_EXPECT_WORLD": str(n - 1),
+        "E2E_MAX_SECONDS": str(int(bound) + 30),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = [
+        TORCHRUN,
+        f"--nnodes=2:{n}",
+        "--nproc-per-node=1",
+        "--max-restarts=3",
+        f"--rdzv-backend={backend}",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
+        str(WORKER),
+    ]
+    agents = {}
+    for i in range(n):
+        host = lab[f"h{i}"]
+        with open(lab.workdir / f"{host.name}.log", "wb") as out:
+            agents[host.name] = host.spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + bound
+    if not wait_for(lambda: len(started(markers, n)) >= n, deadline):
+        run.note = f"the {n} agents never ran together"
+        log_tail(lab, run)
+        return run
+    time.sleep(1.0)  # a little training
+    dead = "h0" if victim == "endpoint" else f"h{n - 1}"
+    killed = time.time()
+    lab[dead].kill(power_off=power_off)
+    if not wait_for(lambda: len(started(markers, n - 1)) >= n - 1, deadline):
+        run.note = "the survivors did not run again in time"
+        return run
+    run.recovery = started(markers, n - 1)[n - 2] - killed
+    finish.touch()
+    end = time.monotonic() + 30
+    codes: list[int | None] = []
+    for name, proc in agents.items():
+        if name == dead:
+            continue
+        try:
+            codes.append(proc.wait(max(0.1, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    run.finished = all(code == 0 for code in codes)
+    if not run.finished:
+        run.note = f"survivors exited {codes}"
     return run
 
 
@@ -173,6 +188,7 @@ def main() -> None:
     parser.add_argument("--victims", default="endpoint,agent")
     parser.add_argument("--bound", type=float, default=90.0)
     parser.add_argument("--power-off", action="store_true", help="the victim's link too")
+    parser.add_argument("--keep-logs", type=Path, help="copy each run's agent logs here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     reason = unavailable()
@@ -187,7 +203,9 @@ def main() -> None:
     for _ in range(args.runs):
         for victim in victims:
             for backend in backends:
-                run = one_run(backend, victim, args.hosts, args.bound, args.power_off)
+                run = one_run(
+                    backend, victim, args.hosts, args.bound, args.power_off, args.keep_logs
+                )
                 logging.getLogger("lab").info("%s", run)
                 runs.append(run)
     how = "processes killed and link down" if args.power_off else "every process killed"

@@ -119,15 +119,16 @@ class LabNode:
     def logged(self, text: str) -> list[str]:
         return [line for line in self.log if text in line]
 
-    def wait_logged(self, text: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while not (found := self.logged(text)):
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self.node_id} never logged {text!r}:\n" + "\n".join(self.log[-30:])
-                )
-            time.sleep(0.05)
-        return found[0]
+
+def wait_any_logged(nodes: list[LabNode], text: str, timeout: float) -> str:
+    """The first line with ``text`` that any of ``nodes`` logged (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while not (found := [line for n in nodes for line in n.logged(text)]):
+        if time.monotonic() > deadline:
+            logs = "\n".join(line for n in nodes for line in n.log[-20:])
+            raise AssertionError(f"none of {[n.node_id for n in nodes]} logged {text!r}:\n{logs}")
+        time.sleep(0.05)
+    return found[0]
 
 
 def evictions_by_probe(nodes: list[LabNode], victim: str) -> list[str]:
