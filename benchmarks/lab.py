@@ -21,34 +21,30 @@ etcd backends ``h0`` is one agent like the others, etcd runs on a host of its ow
 
 Prints a markdown table: per backend and victim, the median recovery (a run that did not
 recover counts as longer than the bound), min-max of recovered runs, runs recovered,
-runs whose survivors finished cleanly. Each lab is removed after its run.
+runs whose survivors finished cleanly, and the median time from the agents' start to
+all N workers up (how long torch needs to start workers on the machine right now: it
+is part of every recovery). Each lab is removed after its run.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from multihost.harness import start_etcd  # noqa: E402
+from multihost.harness import TorchrunJob, start_etcd  # noqa: E402
 from multihost.netlab import Lab, unavailable  # noqa: E402
 
-WORKER = ROOT / "tests" / "e2e" / "native_worker.py"
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ETCD_BACKENDS = ("etcd-v3", "etcd-v3-dynamic")
 C10D_PORT = 29400
 
@@ -59,24 +55,8 @@ class Run:
     victim: str
     recovery: float | None = None  # seconds from the kill to the survivors running again
     finished: bool = False  # the survivors then exited 0
+    start: float | None = None  # seconds from the agents' start to all N workers up
     note: str = ""
-
-
-def wait_for(cond: Callable[[], bool], deadline: float, step: float = 0.05) -> bool:
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
-
-
-def started(markers: Path, world: int) -> list[float]:
-    """Start times (wall clock) of the workers that ran in a world of ``world``."""
-    times: list[float] = []
-    for path in markers.glob(f"started-*-w{world}"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            times.append(float(path.read_text().split()[2]))
-    return sorted(times)
 
 
 def one_run(
@@ -98,71 +78,35 @@ def one_run(
 def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool) -> Run:
     backend, victim = run.backend, run.victim
     endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
-    markers, finish = lab.workdir / "markers", lab.workdir / "finish"
-    markers.mkdir()
-    env = {
-        **os.environ,
-        "E2E_MARKER_DIR": str(markers),
-        "E2E_FINISH_FILE": str(finish),
-        "E2E_EXPECT_WORLD": str(n - 1),
-        "E2E_MAX_SECONDS": str(int(bound) + 30),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    argv = [
-        TORCHRUN,
-        f"--nnodes=2:{n}",
-        "--nproc-per-node=1",
-        "--max-restarts=3",
-        f"--rdzv-backend={backend}",
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
-        str(WORKER),
-    ]
-    agents = {}
-    for i in range(n):
-        host = lab[f"h{i}"]
-        with open(lab.workdir / f"{host.name}.log", "wb") as out:
-            agents[host.name] = host.spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    began = time.monotonic()
+    hosts = [lab[f"h{i}"] for i in range(n)]
+    job = TorchrunJob(lab, hosts, backend, endpoint, finish_world=n - 1, bound=bound)
     deadline = time.monotonic() + bound
-    if not wait_for(lambda: len(started(markers, n)) >= n, deadline):
+    if job.wait_running(n, deadline) is None:
         run.note = f"the {n} agents never ran together"
-        log_tail(lab, run)
+        logging.getLogger("lab").info("%s", job.logs())
         return run
+    run.start = time.monotonic() - began
     time.sleep(1.0)  # a little training
     dead = "h0" if victim == "endpoint" else f"h{n - 1}"
     killed = time.time()
     lab[dead].kill(power_off=power_off)
-    if not wait_for(lambda: len(started(markers, n - 1)) >= n - 1, deadline):
+    times = job.wait_running(n - 1, deadline)
+    if times is None:
         run.note = "the survivors did not run again in time"
         return run
-    run.recovery = started(markers, n - 1)[n - 2] - killed
-    finish.touch()
-    end = time.monotonic() + 30
-    codes: list[int | None] = []
-    for name, proc in agents.items():
-        if name == dead:
-            continue
-        try:
-            codes.append(proc.wait(max(0.1, end - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    run.finished = all(code == 0 for code in codes)
+    run.recovery = times[-1] - killed
+    codes = job.finish(dead=[dead])
+    run.finished = all(code == 0 for code in codes.values())
     if not run.finished:
         run.note = f"survivors exited {codes}"
     return run
 
 
-def log_tail(lab: Lab, run: Run) -> None:
-    for path in sorted(lab.workdir.glob("h*.log")):
-        tail = path.read_text(errors="replace").splitlines()[-5:]
-        logging.getLogger("lab").info("%s %s:\n%s", run.backend, path.name, "\n".join(tail))
-
-
 def table(runs: list[Run], backends: list[str], victims: list[str], bound: float) -> str:
     rows = [
-        "| backend | victim | median recovery | min - max | recovered | finished |",
-        "|---|---|---:|---:|---:|---:|",
+        "| backend | victim | median recovery | min - max | recovered | finished | first start |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for victim in victims:
         for backend in backends:
@@ -172,9 +116,11 @@ def table(runs: list[Run], backends: list[str], victims: list[str], bound: float
             median = statistics.median(times) if times else math.inf
             shown = f"{median:.1f} s" if median != math.inf else f"> {bound:.0f} s"
             spread = f"{min(ok):.1f} - {max(ok):.1f} s" if ok else "-"
+            starts = [r.start for r in mine if r.start is not None]
+            first = f"{statistics.median(starts):.1f} s" if starts else "-"
             rows.append(
                 f"| {backend} | {victim} | {shown} | {spread} | {len(ok)}/{len(mine)} "
-                f"| {sum(r.finished for r in mine)}/{len(mine)} |"
+                f"| {sum(r.finished for r in mine)}/{len(mine)} | {first} |"
             )
     return "\n".join(rows)
 

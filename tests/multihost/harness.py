@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from multihost.netlab import Host, Lab, LabError
 HERE = Path(__file__).resolve().parent
 NODE_SCRIPT = str(HERE / "lab_node.py")
 ETCD_SCRIPT = str(HERE / "etcd_host.py")
+WORKER = str(HERE.parent / "e2e" / "native_worker.py")
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 Line = dict[str, Any]
 
 
@@ -134,3 +139,92 @@ def wait_any_logged(nodes: list[LabNode], text: str, timeout: float) -> str:
 def evictions_by_probe(nodes: list[LabNode], victim: str) -> list[str]:
     """The log lines where a node's probe found ``victim``'s process gone."""
     return [line for n in nodes for line in n.logged(f"node {victim} is gone")]
+
+
+class TorchrunJob:
+    """One ``torchrun`` agent per host (``--nproc-per-node=1 --max-restarts=3``), gloo
+    workers in a training-like loop (``tests/e2e/native_worker.py``) that write a marker
+    once their process group is up and stop, once told to, in a world of ``finish_world``.
+    """
+
+    def __init__(
+        self,
+        lab: Lab,
+        hosts: list[Host],
+        backend: str,
+        endpoint: str,
+        finish_world: int,
+        bound: float,
+        min_nodes: int = 2,
+    ) -> None:
+        self.lab = lab
+        self.hosts = hosts
+        self.markers = lab.workdir / "markers"
+        self.finish_file = lab.workdir / "finish"
+        self.markers.mkdir()
+        env = {
+            **os.environ,
+            "E2E_MARKER_DIR": str(self.markers),
+            "E2E_FINISH_FILE": str(self.finish_file),
+            "E2E_EXPECT_WORLD": str(finish_world),
+            "E2E_MAX_SECONDS": str(int(bound) + 30),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        argv = [
+            TORCHRUN,
+            f"--nnodes={min_nodes}:{len(hosts)}",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+            f"--rdzv-backend={backend}",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
+            str(WORKER),
+        ]
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        for host in hosts:
+            with open(self.log_path(host), "wb") as out:
+                self.agents[host.name] = host.spawn(
+                    argv, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+
+    def log_path(self, host: Host) -> Path:
+        return self.lab.workdir / f"{host.name}.log"
+
+    def logs(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {h.name}:\n"
+            + "\n".join(self.log_path(h).read_text(errors="replace").splitlines()[-lines:])
+            for h in self.hosts
+        )
+
+    def started(self, world: int) -> list[float]:
+        """Start times (wall clock) of the workers whose process group of ``world`` is up."""
+        times: list[float] = []
+        for path in self.markers.glob(f"started-*-w{world}"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                times.append(float(path.read_text().split()[2]))
+        return sorted(times)
+
+    def wait_running(self, world: int, deadline: float) -> list[float] | None:
+        """Bounded wait until ``world`` workers run in a world of ``world``."""
+        while len(times := self.started(world)) < world:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return times
+
+    def finish(self, dead: Collection[str] = (), timeout: float = 30.0) -> dict[str, int | None]:
+        """Tell the workers to stop; the exit code of every agent not on a ``dead`` host
+        (None: still running after ``timeout``)."""
+        self.finish_file.touch()
+        end = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        for host in self.hosts:
+            if host.name in dead:
+                continue
+            try:
+                codes[host.name] = self.agents[host.name].wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[host.name] = None
+        return codes
