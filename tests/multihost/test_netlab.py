@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from multihost import netlab
 from multihost.checker import Violation, check_rounds
 from multihost.netlab import Lab, LabError, clean_stale, leftovers
 
@@ -125,3 +126,12 @@ def test_the_checker_accepts_a_good_history() -> None:
 def test_the_checker_catches(history: dict[str, list[dict[str, object]]], what: str) -> None:
     with pytest.raises(Violation, match=what):
         check_rounds(history)
+
+
+def test_why_a_lab_cannot_be_built_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason the fixtures skip with (not root; no iproute2)."""
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    assert "needs root" in (netlab.unavailable() or "")
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netlab.shutil, "which", lambda name: None)
+    assert "apt-get install -y iproute2" in (netlab.unavailable() or "")
