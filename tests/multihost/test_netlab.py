@@ -130,8 +130,8 @@ def test_the_checker_catches(history: dict[str, list[dict[str, object]]], what: 
 
 def test_why_a_lab_cannot_be_built_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reason the fixtures skip with (not root; no iproute2)."""
-    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert "needs root" in (netlab.unavailable() or "")
-    monkeypatch.setattr(netlab.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(netlab.shutil, "which", lambda name: None)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     assert "apt-get install -y iproute2" in (netlab.unavailable() or "")
