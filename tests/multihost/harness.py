@@ -156,13 +156,15 @@ class TorchrunJob:
         finish_world: int,
         bound: float,
         min_nodes: int = 2,
+        defer: Collection[str] = (),
     ) -> None:
+        """Starts an agent on every host but those named in ``defer`` (see :meth:`start`)."""
         self.lab = lab
         self.hosts = hosts
         self.markers = lab.workdir / "markers"
         self.finish_file = lab.workdir / "finish"
         self.markers.mkdir()
-        env = {
+        self.env = {
             **os.environ,
             "E2E_MARKER_DIR": str(self.markers),
             "E2E_FINISH_FILE": str(self.finish_file),
@@ -171,7 +173,7 @@ class TorchrunJob:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        argv = [
+        self.argv = [
             TORCHRUN,
             f"--nnodes={min_nodes}:{len(hosts)}",
             "--nproc-per-node=1",
@@ -183,10 +185,15 @@ class TorchrunJob:
         ]
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         for host in hosts:
-            with open(self.log_path(host), "wb") as out:
-                self.agents[host.name] = host.spawn(
-                    argv, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
+            if host.name not in defer:
+                self.start(host)
+
+    def start(self, host: Host) -> None:
+        """Start the agent of ``host``."""
+        with open(self.log_path(host), "wb") as out:
+            self.agents[host.name] = host.spawn(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def log_path(self, host: Host) -> Path:
         return self.lab.workdir / f"{host.name}.log"
@@ -196,6 +203,7 @@ class TorchrunJob:
             f"--- {h.name}:\n"
             + "\n".join(self.log_path(h).read_text(errors="replace").splitlines()[-lines:])
             for h in self.hosts
+            if h.name in self.agents
         )
 
     def started(self, world: int) -> list[float]:
@@ -206,10 +214,16 @@ class TorchrunJob:
                 times.append(float(path.read_text().split()[2]))
         return sorted(times)
 
+    def failed(self) -> dict[str, int]:
+        """Agents that exited with an error (not the ones killed: those exit with -9)."""
+        codes = {name: proc.poll() for name, proc in self.agents.items()}
+        return {name: code for name, code in codes.items() if code is not None and code > 0}
+
     def wait_running(self, world: int, deadline: float) -> list[float] | None:
-        """Bounded wait until ``world`` workers run in a world of ``world``."""
+        """Bounded wait until ``world`` workers run in a world of ``world`` (None: not by
+        the deadline, or an agent failed)."""
         while len(times := self.started(world)) < world:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self.failed():
                 return None
             time.sleep(0.05)
         return times

@@ -181,6 +181,7 @@ class Host:
         self.address = address
         self.netns = f"{lab.prefix}n{index}"
         self.veth = f"{lab.prefix}v{index}"  # the bridge's end; "eth0" inside
+        self.tmpdir = lab.workdir / "tmp" / name  # this host's TMPDIR (its /tmp, in effect)
         self.procs: list[subprocess.Popen[Any]] = []
         self.partitioned = False
 
@@ -200,18 +201,24 @@ class Host:
         stderr: int | IO[Any] | None = None,
         text: bool = False,
         cwd: str | None = None,
+        own_tmp: bool = True,
     ) -> subprocess.Popen[Any]:
         """Start ``argv`` on this host: in its network namespace, with its hosts file as
-        ``/etc/hosts``, its name as host name, in a new session (process group)."""
+        ``/etc/hosts``, its name as host name, its own ``TMPDIR`` (unless ``env`` sets
+        one: temporary files such as the embedded election's lock files are per host, as
+        on real machines), in a new session (process group)."""
         wrapped = [
             "ip", "netns", "exec", self.netns,
             "unshare", "--uts", "--",
             "sh", "-c", 'hostname "$0" && exec "$@"', self.name,
             *argv,
         ]  # fmt: skip
+        environ = dict(os.environ if env is None else env)
+        if own_tmp:
+            environ["TMPDIR"] = str(self.tmpdir)
         proc = subprocess.Popen(
             wrapped,
-            env=None if env is None else dict(env),
+            env=environ,
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
@@ -341,6 +348,7 @@ class Lab:
         raise LabError(f"no free {SUBNET_BASE}.X.0/24 subnet (all in use)")
 
     def _make(self, host: Host) -> None:
+        host.tmpdir.mkdir(parents=True, mode=0o700)
         _ip("netns", "add", host.netns)
         peer = f"{self.prefix}p{host.index}"
         _ip("link", "add", host.veth, "type", "veth", "peer", "name", peer)
