@@ -9,6 +9,7 @@ world of 2 and finish cleanly. (Timing: ``benchmarks/lab.py``, against ``c10d``.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -64,3 +65,28 @@ def test_the_store_host_may_start_last(make_lab: Callable[[list[str]], Lab], bac
     running = job.wait_running(3, time.monotonic() + BOUND)
     assert running, f"agents failed: {job.failed()}:\n{job.logs()}"
     assert job.finish() == {"h0": 0, "h1": 0, "h2": 0}
+
+
+def test_an_etcd_behind_a_partition_fails_the_agent_clearly(
+    make_lab: Callable[[list[str]], Lab],
+) -> None:
+    """The etcd's host is partitioned before the agent starts: nothing refuses the
+    connections (they time out, or find no route to the host); the agent still fails
+    within a bound, naming the endpoint."""
+    lab = make_lab(["etcd", "h0"])
+    endpoint = start_etcd(lab, lab["etcd"])
+    lab["etcd"].partition()
+    job = TorchrunJob(
+        lab, [lab["h0"]], "etcd-v3", endpoint, finish_world=1, bound=BOUND, min_nodes=1
+    )
+    began = time.monotonic()
+    try:
+        code = job.agents["h0"].wait(BOUND)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the agent still waits after {BOUND} s:\n{job.logs()}") from None
+    took = time.monotonic() - began
+    log = job.log_path(lab["h0"]).read_text(errors="replace")
+    assert code != 0, log[-3000:]
+    assert f"no etcd answers at --rdzv-endpoint http://{endpoint}" in log, log[-3000:]
+    # a timeout, or no route once the neighbour entry expired: never a refusal
+    assert "timed out" in log or "No route to host" in log, f"after {took:.1f} s:\n{log[-3000:]}"
