@@ -1,12 +1,13 @@
 """The native rendezvous across hosts with distinct addresses (issue 11, item 3).
 
-Host ``a`` runs an etcd member; ``b``, ``c``, ``d`` run one participant each
-(``lab_node.py``), reaching etcd by host name. Faults are real: a killed host's
-processes are gone (its kernel refuses connections), a partitioned host's link is down
-(connections time out), a host name can resolve to the wrong address. After a fault,
-``b`` and ``c`` ask for a new round, as torch's agents do when their workers fail on a
-dead peer: that is what makes the leader probe the late member. Every node's recorded
-rounds go through the checker (one outcome per round, dense unique ranks, no overlap).
+Host ``a`` runs an etcd member (each installed etcd binary in turn); ``b``, ``c``, ``d``
+run one participant each (``lab_node.py``), reaching etcd by host name. Faults are
+real: a killed host's processes are gone (its kernel refuses connections), a
+partitioned host's link is down (connections time out), a host name can resolve to the
+wrong address. After a fault, ``b`` and ``c`` ask for a new round, as torch's agents do
+when their workers fail on a dead peer: that is what makes the leader probe the late
+member. Every node's recorded rounds go through the checker (one outcome per round,
+dense unique ranks, no overlap).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ TTL = 2  # the nodes' lease TTL (s): short, so each test takes seconds
 ROUND = 20.0  # bound on the wait for a round (s); generous for a loaded 2-core machine
 
 
-def start(lab: Lab) -> dict[str, LabNode]:
-    endpoint = start_etcd(lab, lab["a"])
+def start(lab: Lab, etcd_binary: str) -> dict[str, LabNode]:
+    endpoint = start_etcd(lab, lab["a"], etcd_binary)
     run_id = f"multihost-{uuid.uuid4().hex[:8]}"
     nodes = {h: LabNode(lab[h], endpoint, run_id, 2, 3, lease_ttl=TTL) for h in "bcd"}
     first = [n.assigned(ROUND, round_=1) for n in nodes.values()]
@@ -44,11 +45,13 @@ def histories(nodes: dict[str, LabNode]) -> dict[str, list[dict[str, object]]]:
 
 
 @pytest.mark.parametrize("power_off", [False, True], ids=["processes-killed", "powered-off"])
-def test_a_killed_host_is_evicted(make_lab: Callable[[list[str]], Lab], power_off: bool) -> None:
+def test_a_killed_host_is_evicted(
+    make_lab: Callable[[list[str]], Lab], etcd_binary: str, power_off: bool
+) -> None:
     """Processes killed: the kernel refuses the probe at an address that answered before,
     so the probe evicts at once. Powered off (link down too): no verdict, the lease does."""
     lab = make_lab(["a", "b", "c", "d"])
-    nodes = start(lab)
+    nodes = start(lab, etcd_binary)
     b, c = nodes["b"], nodes["c"]
     lab["d"].kill(power_off=power_off)
     assert lab["d"].pids() == []
@@ -66,10 +69,10 @@ def test_a_killed_host_is_evicted(make_lab: Callable[[list[str]], Lab], power_of
 
 
 def test_a_partitioned_host_gives_no_verdict_then_rejoins(
-    make_lab: Callable[[list[str]], Lab],
+    make_lab: Callable[[list[str]], Lab], etcd_binary: str
 ) -> None:
     lab = make_lab(["a", "b", "c", "d"])
-    nodes = start(lab)
+    nodes = start(lab, etcd_binary)
     b, c, d = nodes["b"], nodes["c"], nodes["d"]
     lab["d"].partition()
     try:
@@ -92,7 +95,7 @@ def test_a_partitioned_host_gives_no_verdict_then_rejoins(
 
 @pytest.mark.parametrize("wrong", ["127.0.1.1", "c"], ids=["loopback", "another-host"])
 def test_a_name_resolving_to_the_wrong_address_only_costs_speed(
-    make_lab: Callable[[list[str]], Lab], wrong: str
+    make_lab: Callable[[list[str]], Lab], etcd_binary: str, wrong: str
 ) -> None:
     """On b and c, d's name means the wrong address (a Debian-style ``127.0.1.1 d``
     line, or another host's address): its probes are refused where d never answered,
@@ -101,7 +104,7 @@ def test_a_name_resolving_to_the_wrong_address_only_costs_speed(
     lab = make_lab(["a", "b", "c", "d"])
     for name in "bc":
         lab[name].resolve("d", lab[wrong].address if wrong in lab.hosts else wrong)
-    nodes = start(lab)
+    nodes = start(lab, etcd_binary)
     b, c = nodes["b"], nodes["c"]
     rejoin(b, c)  # probes of d (refused at a wrong address): no verdict
     second = [n.assigned(ROUND, round_=2) for n in nodes.values()]
