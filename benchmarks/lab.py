@@ -18,6 +18,13 @@ etcd backends ``h0`` is one agent like the others, etcd runs on a host of its ow
 
     python benchmarks/lab.py --scenario kill-host [--hosts 4] [--runs 1]
         [--backends etcd-v3,c10d] [--victims endpoint,agent] [--bound 90] [--power-off]
+        [--keep-logs DIR]
+    python benchmarks/lab.py --scenario partition-host [--partition-seconds 10] ...
+
+``partition-host``: the victim's link goes down instead (its processes live on, cut
+off), for ``--partition-seconds``, then up again; measured as well: whether, and how
+long after the heal, all N workers run together again (the job is then finished in a
+world of N).
 
 Prints a markdown table: per backend and victim, the median recovery (a run that did not
 recover counts as longer than the bound), min-max of recovered runs, runs recovered,
@@ -56,17 +63,24 @@ class Run:
     recovery: float | None = None  # seconds from the kill to the survivors running again
     finished: bool = False  # the survivors then exited 0
     start: float | None = None  # seconds from the agents' start to all N workers up
+    rejoined: float | None = None  # partition-host: from the heal until all N run again
     note: str = ""
 
 
 def one_run(
-    backend: str, victim: str, n: int, bound: float, power_off: bool, keep: Path | None = None
+    backend: str,
+    victim: str,
+    n: int,
+    bound: float,
+    power_off: bool,
+    keep: Path | None = None,
+    partition: float | None = None,
 ) -> Run:
     run = Run(backend, victim)
     names = ["etcd", *(f"h{i}" for i in range(n))] if backend in ETCD_BACKENDS else None
     with Lab(names or [f"h{i}" for i in range(n)]) as lab:
         try:
-            return _run(lab, run, n, bound, power_off)
+            return _run(lab, run, n, bound, power_off, partition)
         finally:
             if keep is not None:  # the agents' logs, before the lab is removed
                 into = keep / f"{backend}-{victim}-{uuid.uuid4().hex[:6]}"
@@ -75,12 +89,15 @@ def one_run(
                     shutil.copy(path, into / path.name)
 
 
-def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool) -> Run:
+def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool, partition: float | None) -> Run:
+    """kill-host, or with ``partition`` (seconds) partition-host: the victim's link is
+    down that long, then healed; it must come back (all N run again, then finish)."""
     backend, victim = run.backend, run.victim
     endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
     began = time.monotonic()
     hosts = [lab[f"h{i}"] for i in range(n)]
-    job = TorchrunJob(lab, hosts, backend, endpoint, finish_world=n - 1, bound=bound)
+    finish_world = n if partition is not None else n - 1
+    job = TorchrunJob(lab, hosts, backend, endpoint, finish_world=finish_world, bound=bound)
     deadline = time.monotonic() + bound
     if job.wait_running(n, deadline) is None:
         run.note = f"the {n} agents never ran together"
@@ -90,23 +107,41 @@ def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool) -> Run:
     time.sleep(1.0)  # a little training
     dead = "h0" if victim == "endpoint" else f"h{n - 1}"
     killed = time.time()
-    lab[dead].kill(power_off=power_off)
+    if partition is None:
+        lab[dead].kill(power_off=power_off)
+    else:
+        lab[dead].partition()
     times = job.wait_running(n - 1, deadline)
     if times is None:
+        if partition is not None:
+            lab[dead].heal()
         run.note = "the survivors did not run again in time"
         return run
     run.recovery = times[-1] - killed
-    codes = job.finish(dead=[dead])
+    if partition is not None:
+        time.sleep(max(0.0, killed + partition - time.time()))
+        lab[dead].heal()
+        healed = time.time()
+        back = job.wait_running(n, deadline, since=healed)
+        if back is None:
+            run.note = f"{dead} did not run again with the others after the heal"
+            return run
+        run.rejoined = back[-1] - healed
+    codes = job.finish(dead=[dead] if partition is None else [])
     run.finished = all(code == 0 for code in codes.values())
     if not run.finished:
         run.note = f"survivors exited {codes}"
     return run
 
 
-def table(runs: list[Run], backends: list[str], victims: list[str], bound: float) -> str:
+def table(
+    runs: list[Run], backends: list[str], victims: list[str], bound: float, partition: bool
+) -> str:
+    extra = " | back after heal" if partition else ""
     rows = [
-        "| backend | victim | median recovery | min - max | recovered | finished | first start |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| backend | victim | median recovery | min - max | recovered{extra} | finished "
+        "| first start |",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if partition else ""),
     ]
     for victim in victims:
         for backend in backends:
@@ -118,8 +153,15 @@ def table(runs: list[Run], backends: list[str], victims: list[str], bound: float
             spread = f"{min(ok):.1f} - {max(ok):.1f} s" if ok else "-"
             starts = [r.start for r in mine if r.start is not None]
             first = f"{statistics.median(starts):.1f} s" if starts else "-"
+            back = [r.rejoined for r in mine if r.rejoined is not None]
+            rejoin = (
+                f" | {len(back)}/{len(mine)}"
+                + (f", median {statistics.median(back):.1f} s" if back else "")
+                if partition
+                else ""
+            )
             rows.append(
-                f"| {backend} | {victim} | {shown} | {spread} | {len(ok)}/{len(mine)} "
+                f"| {backend} | {victim} | {shown} | {spread} | {len(ok)}/{len(mine)}{rejoin} "
                 f"| {sum(r.finished for r in mine)}/{len(mine)} | {first} |"
             )
     return "\n".join(rows)
@@ -127,7 +169,10 @@ def table(runs: list[Run], backends: list[str], victims: list[str], bound: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--scenario", choices=["kill-host"], default="kill-host")
+    parser.add_argument("--scenario", choices=["kill-host", "partition-host"], default="kill-host")
+    parser.add_argument(
+        "--partition-seconds", type=float, default=10.0, help="partition-host: link down this long"
+    )
     parser.add_argument("--hosts", type=int, default=4, help="agent hosts (>= 3)")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--backends", default="etcd-v3,c10d")
@@ -150,16 +195,24 @@ def main() -> None:
         for victim in victims:
             for backend in backends:
                 run = one_run(
-                    backend, victim, args.hosts, args.bound, args.power_off, args.keep_logs
+                    backend,
+                    victim,
+                    args.hosts,
+                    args.bound,
+                    args.power_off,
+                    args.keep_logs,
+                    args.partition_seconds if args.scenario == "partition-host" else None,
                 )
                 logging.getLogger("lab").info("%s", run)
                 runs.append(run)
     how = "processes killed and link down" if args.power_off else "every process killed"
+    if args.scenario == "partition-host":
+        how = f"link down {args.partition_seconds:.0f} s, then healed"
     print(
-        f"kill-host: {args.hosts} hosts x 1 agent (--nnodes=2:{args.hosts}), gloo; "
+        f"{args.scenario}: {args.hosts} hosts x 1 agent (--nnodes=2:{args.hosts}), gloo; "
         f"victim host: {how}; {args.runs} run(s) per row\n"
     )
-    print(table(runs, backends, victims, args.bound))
+    print(table(runs, backends, victims, args.bound, args.scenario == "partition-host"))
 
 
 if __name__ == "__main__":

@@ -206,23 +206,24 @@ class TorchrunJob:
             if h.name in self.agents
         )
 
-    def started(self, world: int) -> list[float]:
-        """Start times (wall clock) of the workers whose process group of ``world`` is up."""
+    def started(self, world: int, since: float = 0.0) -> list[float]:
+        """Start times (wall clock) of the workers whose process group of ``world`` came
+        up (after the wall time ``since``)."""
         times: list[float] = []
         for path in self.markers.glob(f"started-*-w{world}"):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 times.append(float(path.read_text().split()[2]))
-        return sorted(times)
+        return sorted(t for t in times if t > since)
 
     def failed(self) -> dict[str, int]:
         """Agents that exited with an error (not the ones killed: those exit with -9)."""
         codes = {name: proc.poll() for name, proc in self.agents.items()}
         return {name: code for name, code in codes.items() if code is not None and code > 0}
 
-    def wait_running(self, world: int, deadline: float) -> list[float] | None:
-        """Bounded wait until ``world`` workers run in a world of ``world`` (None: not by
-        the deadline, or an agent failed)."""
-        while len(times := self.started(world)) < world:
+    def wait_running(self, world: int, deadline: float, since: float = 0.0) -> list[float] | None:
+        """Bounded wait until ``world`` workers run in a world of ``world`` (started
+        after the wall time ``since``); None: not by the deadline, or an agent failed."""
+        while len(times := self.started(world, since)) < world:
             if time.monotonic() > deadline or self.failed():
                 return None
             time.sleep(0.05)
