@@ -93,3 +93,21 @@ def test_status_with_a_dead_member_and_its_long_error(etcd_server: EtcdServer) -
         right=["DB SIZE"],
         last="ERROR",
     )
+
+
+def test_status_of_an_etcd_that_wants_a_login(etcd_binary: str) -> None:
+    """3.5.30 (and 3.6) refuse the status call without a token: say so, and how to log in."""
+    with EtcdServer(binary=etcd_binary, root_password="pw") as server:
+        anonymous = CliRunner().invoke(main, ["status", "--endpoints", server.endpoint])
+        root = CliRunner().invoke(
+            main, ["status", "--endpoints", server.endpoint, "--user", "root:pw"]
+        )
+    assert root.exit_code == 0, root.output
+    assert "healthy" in root.stdout
+    if anonymous.exit_code == 0:  # 3.4.23, 3.5.1: status needs no login
+        assert "healthy" in anonymous.stdout
+    else:
+        assert anonymous.exit_code == 1
+        lines = anonymous.stdout.splitlines()
+        assert "REFUSED" in lines[1], anonymous.stdout
+        assert "user name is empty" in lines[1] and "pass --user NAME[:PASSWORD]" in lines[1]

@@ -9,7 +9,7 @@ import click
 
 from etcd_rendezvous.cli._connection import connection_options, make_client
 from etcd_rendezvous.cli._output import echo_table
-from etcd_rendezvous.errors import EtcdClientError
+from etcd_rendezvous.errors import EtcdAuthError, EtcdClientError
 
 
 @click.command()
@@ -43,6 +43,10 @@ def status(
                 is_leader=st.leader == st.member_id,
                 raft_term=st.raft_term,
             )
+        except EtcdAuthError as exc:
+            # It answered: etcd 3.5.30 and 3.6 refuse the status call without a login.
+            hint = "" if user else " (this etcd needs a login: pass --user NAME[:PASSWORD])"
+            row.update(healthy=False, refused=True, error=f"{exc}{hint}")
         except EtcdClientError as exc:
             row.update(healthy=False, error=str(exc))
         rows.append(row)
@@ -72,7 +76,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             ]
             cells.append([*row, ""] if errors else row)
         else:
-            cells.append([r["endpoint"], "DOWN", "-", "-", "-", "-", r["error"]])
+            health = "REFUSED" if r.get("refused") else "DOWN"
+            cells.append([r["endpoint"], health, "-", "-", "-", "-", r["error"]])
     echo_table(columns, cells, right=["DB SIZE"])
 
 
