@@ -47,6 +47,22 @@ def _binaries(config: pytest.Config) -> list[EtcdBinary]:
     return list_etcd_binaries()
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say in the session header which etcd binaries the suite runs against."""
+    try:
+        binaries = _binaries(config)
+    except Exception as exc:  # the fixtures report it as the failure it is
+        return [f"etcd binaries: none usable ({exc})"]
+    if not binaries:
+        return ["etcd binaries: none found (etcd-facing tests will fail; see `doctor`)"]
+    lines = ["etcd binaries (each etcd-facing test runs once per binary):"]
+    lines += [
+        f"  {test_id}: {b.path} ({b.source})"
+        for test_id, b in zip(_ids(binaries), binaries, strict=True)
+    ]
+    return lines
+
+
 def _ids(binaries: list[EtcdBinary]) -> list[str]:
     ids: list[str] = []
     for binary in binaries:

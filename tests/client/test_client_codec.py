@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from urllib3.exceptions import ProtocolError
 
 from etcd_rendezvous.client import Compare, Op, parse_endpoints
-from etcd_rendezvous.client._codec import ALL_KEYS, Codec, prefix_range_end
+from etcd_rendezvous.client._codec import (
+    ALL_KEYS,
+    EMPTY_REPLY_WITH_TOKEN,
+    Codec,
+    decode_error,
+    empty_reply_message,
+    prefix_range_end,
+)
 from etcd_rendezvous.client._endpoints import Endpoint
 from etcd_rendezvous.client._retry import Retry
-from etcd_rendezvous.client._transport import translate_error
+from etcd_rendezvous.client._transport import _TOKEN_ERRORS, translate_error
 from etcd_rendezvous.errors import (
     EtcdAuthError,
     EtcdCompactedError,
@@ -199,3 +209,115 @@ def test_retry_is_bounded_with_backoff_and_jitter() -> None:
     capped = Retry(max_tries=2, jitter=0.5, rand=lambda: 1.0, delay=0.1)
     assert capped.next_delay() == pytest.approx(0.15)
     assert capped.next_delay() is None
+
+
+# -- error replies of both gateway generations ------------------------------------------
+#
+# Recorded from the sources that write them (the strings are what those lines marshal,
+# field names as etcd's marshaler emits them: proto names, zero values left out):
+# * grpc-gateway v1, used by etcd 3.4 and 3.5 (github.com/grpc-ecosystem/grpc-gateway
+#   v1.16.0): runtime/errors.go DefaultHTTPError marshals internal.Error{Error, Message,
+#   Code, Details}; runtime/handler.go handleForwardResponseStreamError marshals
+#   {"error": internal.StreamError{grpc_code, http_code, message, http_status, details}}.
+# * grpc-gateway v2, used by etcd 3.6+ (etcd-io/etcd server/embed/serve.go registers it
+#   with protojson UseProtoNames, EmitUnpopulated=false): runtime/errors.go
+#   DefaultHTTPErrorHandler marshals the google.rpc.Status {code, message, details} (its
+#   fallback: `{"code": 13, "message": "failed to marshal error message"}`);
+#   runtime/handler.go errorChunk marshals {"error": Status}, with the HTTP status of
+#   the code when the stream fails before its first message.
+# * etcd 3.5.30 from Debian sid (built with grpc-gateway v2): replies seen on the binary,
+#   including protojson's random space after a comma.
+V1_UNARY = b'{"error":"etcdserver: no leader","code":14,"message":"etcdserver: no leader"}'
+V1_STREAM = (
+    b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",'
+    b'"http_status":"Service Unavailable"}}'
+)
+V2_UNARY = b'{"code":14,"message":"etcdserver: no leader","details":[]}'
+V2_UNARY_NO_DETAILS = b'{"code":16, "message":"etcdserver: invalid auth token"}'
+V2_STREAM = b'{"error":{"code":16,"message":"etcdserver: invalid auth token","details":[]}}\n'
+V2_STREAM_3530 = b'{"error":{"code":3,"message":"etcdserver: user name is empty"}}\n'
+V2_FALLBACK = b'{"code": 13, "message": "failed to marshal error message"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (V1_UNARY, 14, "etcdserver: no leader"),
+        (V1_STREAM, 14, "etcdserver: no leader"),
+        (V2_UNARY, 14, "etcdserver: no leader"),
+        (V2_UNARY_NO_DETAILS, 16, "etcdserver: invalid auth token"),
+        (V2_STREAM, 16, "etcdserver: invalid auth token"),
+        (V2_STREAM_3530, 3, "etcdserver: user name is empty"),
+        (V2_FALLBACK, 13, "failed to marshal error message"),
+        ({"code": "5", "message": "etcdserver: requested lease not found"}, 5, None),
+        (b'{"code":14}', 14, "gRPC status 14"),
+    ],
+)
+def test_decode_error_reads_both_gateway_formats(
+    body: bytes | dict[str, str], code: int, message: str | None
+) -> None:
+    error = decode_error(body)
+    assert error is not None
+    assert error.code == code
+    if message is not None:
+        assert error.message == message
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"  \n", b"Not Found\n", b"<html>bad gateway</html>", b"[1]", b'{"header":{}}']
+)
+def test_decode_error_none_for_what_is_not_an_error(body: bytes) -> None:
+    assert decode_error(body) is None
+
+
+@pytest.mark.parametrize("template", ["v1", "v2", "v1-stream", "v2-stream"])
+@pytest.mark.parametrize(
+    ("code", "message", "cls"),
+    [
+        (14, "etcdserver: no leader", EtcdUnavailableError),
+        (4, "context deadline exceeded", EtcdTimeoutError),
+        (16, "etcdserver: invalid auth token", EtcdAuthError),
+        (3, "etcdserver: user name is empty", EtcdAuthError),
+        (5, "etcdserver: requested lease not found", EtcdLeaseNotFoundError),
+        (11, "etcdserver: mvcc: required revision has been compacted", EtcdCompactedError),
+        (3, "etcdserver: key not found", EtcdRequestError),
+    ],
+)
+def test_translate_error_same_exception_for_every_format(
+    template: str, code: int, message: str, cls: type[Exception]
+) -> None:
+    body = {
+        "v1": {"error": message, "code": code, "message": message},
+        "v2": {"code": code, "message": message, "details": []},
+        "v1-stream": {"error": {"grpc_code": code, "http_code": 400, "message": message}},
+        "v2-stream": {"error": {"code": code, "message": message, "details": []}},
+    }[template]
+    err = translate_error("/v3/lease/keepalive", "http://h:1", 400, json.dumps(body).encode())
+    assert type(err) is cls, err
+    assert str(err) == f"etcd /v3/lease/keepalive on http://h:1 failed: {message}"
+
+
+def test_empty_error_body_on_401_is_an_auth_error_that_refreshes_the_token() -> None:
+    err = translate_error("/v3/kv/range", "http://h:1", 401, b"")
+    assert isinstance(err, EtcdAuthError)
+    # The transport fetches a new token on these words, then resends the request once.
+    assert any(t in str(err) for t in _TOKEN_ERRORS)
+    assert "15256" in str(err) and "HTTP 401" in str(err)
+    other = translate_error("/v3/kv/range", "http://h:1", 503, b"")
+    assert type(other) is EtcdRequestError and "HTTP 503" in str(other)
+
+
+def test_empty_reply_is_recognised_through_the_exception_chain() -> None:
+    # What urllib3 raises when etcd closes the connection without a reply (etcd issues
+    # 15256, 20332: `curl: (52) Empty reply from server`), wrapped as the transport does.
+    dropped = ProtocolError(
+        "Connection aborted.",
+        http.client.RemoteDisconnected("Remote end closed connection without response"),
+    )
+    try:
+        raise EtcdUnavailableError("no etcd endpoint reachable for /v3/kv/range") from dropped
+    except EtcdUnavailableError as exc:
+        assert empty_reply_message(exc) == EMPTY_REPLY_WITH_TOKEN
+    refused = ProtocolError("Connection aborted.", ConnectionRefusedError(111, "refused"))
+    assert empty_reply_message(refused) is None
+    assert empty_reply_message(None) is None

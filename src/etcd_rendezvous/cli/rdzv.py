@@ -23,6 +23,7 @@ from etcd_rendezvous.cli._inspect import (
     list_runs,
     load_run,
 )
+from etcd_rendezvous.cli._output import echo_table
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdRendezvousError
 from etcd_rendezvous.rendezvous import DEFAULT_KEY_PREFIX, Closed, check_run_id, close_run
@@ -91,17 +92,26 @@ def list_command(
     elif not listing.runs:
         click.echo(f"no rendezvous runs under {key_prefix!r}")
     else:
-        click.echo(
-            f"{'RUN ID':<24} {'ROUND':>5}  {'STATE':<10} {'MEMBERS':>7} {'NODES':>5} "
-            f"{'WAITING':>7}  {'LEADER':<20} LAST ROUND"
-        )
+        rows = []
         for run in listing.runs:
             s = _summary(run)
-            click.echo(
-                f"{run.run_id:<24} {s['round']:>5}  {s['state']:<10} {s['members']:>7} "
-                f"{s['nodes']:>5} {s['waiting']:>7}  {s['leader'] or '-':<20} "
-                f"{_ago(s['committed_at'])}"
+            rows.append(
+                [
+                    run.run_id,
+                    s["round"],
+                    s["state"],
+                    s["members"],
+                    s["nodes"],
+                    s["waiting"],
+                    s["leader"] or "-",
+                    _ago(s["committed_at"]),
+                ]
             )
+        echo_table(
+            ["RUN ID", "ROUND", "STATE", "MEMBERS", "NODES", "WAITING", "LEADER", "LAST ROUND"],
+            rows,
+            right=["ROUND", "MEMBERS", "NODES", "WAITING"],
+        )
     for run in listing.runs:
         for problem in run.problems:
             click.echo(f"warning: run {run.run_id!r}: {problem.message}", err=True)

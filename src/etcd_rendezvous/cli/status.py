@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from etcd_rendezvous.cli._connection import connection_options, make_client
-from etcd_rendezvous.errors import EtcdClientError
+from etcd_rendezvous.cli._output import echo_table
+from etcd_rendezvous.errors import EtcdAuthError, EtcdClientError
 
 
 @click.command()
@@ -42,6 +43,10 @@ def status(
                 is_leader=st.leader == st.member_id,
                 raft_term=st.raft_term,
             )
+        except EtcdAuthError as exc:
+            # It answered: etcd 3.5.30 and 3.6 refuse the status call without a login.
+            hint = "" if user else " (this etcd needs a login: pass --user NAME[:PASSWORD])"
+            row.update(healthy=False, refused=True, error=f"{exc}{hint}")
         except EtcdClientError as exc:
             row.update(healthy=False, error=str(exc))
         rows.append(row)
@@ -54,17 +59,26 @@ def status(
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    click.echo(
-        f"{'ENDPOINT':<24} {'HEALTH':<9} {'VERSION':<9} {'ID':<17} {'LEADER':<6} {'DB SIZE':>10}"
-    )
+    columns = ["ENDPOINT", "HEALTH", "VERSION", "ID", "LEADER", "DB SIZE"]
+    errors = any(not r["healthy"] for r in rows)
+    if errors:
+        columns.append("ERROR")
+    cells: list[list[object]] = []
     for r in rows:
         if r["healthy"]:
-            click.echo(
-                f"{r['endpoint']:<24} {'healthy':<9} {r['version']:<9} {r['member_id']:<17} "
-                f"{'yes' if r['is_leader'] else 'no':<6} {_size(r['db_size']):>10}"
-            )
+            row: list[object] = [
+                r["endpoint"],
+                "healthy",
+                r["version"],
+                r["member_id"],
+                "yes" if r["is_leader"] else "no",
+                _size(r["db_size"]),
+            ]
+            cells.append([*row, ""] if errors else row)
         else:
-            click.echo(f"{r['endpoint']:<24} {'DOWN':<9} {r['error']}")
+            health = "REFUSED" if r.get("refused") else "DOWN"
+            cells.append([r["endpoint"], health, "-", "-", "-", "-", r["error"]])
+    echo_table(columns, cells, right=["DB SIZE"])
 
 
 def _size(n: int) -> str:

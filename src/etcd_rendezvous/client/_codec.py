@@ -12,12 +12,29 @@ The gateway speaks protobuf-as-JSON:
 
 A :class:`Codec` also applies the client's namespace: every key sent gets the
 prefix, every key received loses it.
+
+Error replies come in two formats, decoded by :func:`decode_error`, because etcd
+moved its gateway from grpc-gateway v1 to v2 in 3.6 (Debian's 3.5.30 is built with
+v2 too):
+
+* v1 (etcd 3.4, 3.5): ``{"error": msg, "code": c, "message": msg}``; inside a
+  stream ``{"error": {"grpc_code": c, "http_code": h, "message": msg,
+  "http_status": s}}``;
+* v2 (etcd 3.6+): ``{"code": c, "message": msg, "details": [...]}`` (a
+  ``google.rpc.Status``; no ``error`` field); inside a stream ``{"error": {"code":
+  c, "message": msg, "details": [...]}}``, also as the whole body of a stream that
+  failed before its first message (then with an HTTP error status);
+* no body at all: etcd can answer a request carrying an invalid auth token with an
+  empty reply (etcd issues 15256 and 20332), see :func:`empty_reply_message`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import http.client
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -328,3 +345,72 @@ def header_revision(data: Mapping[str, Any], default: int | None = None) -> int:
         if rev is not None:
             return int(rev)
     return default or 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayError:
+    """An error reply of etcd's JSON gateway: the gRPC status code and message."""
+
+    code: int | None
+    message: str
+
+
+def _status_code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def decode_error(body: bytes | bytearray | Mapping[str, Any] | None) -> GatewayError | None:
+    """The gRPC code and message of a gateway error reply, in either format (module doc).
+
+    ``None`` when ``body`` is not an error object: empty, not JSON (a proxy's HTML
+    page, etcd 3.4's ``Not Found`` text), or JSON without an error.
+    """
+    data: Any = body
+    if isinstance(body, bytes | bytearray):
+        if not body.strip():
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+    if not isinstance(data, Mapping):
+        return None
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        # A stream error: v1 {"grpc_code", "http_code", "message", "http_status"},
+        # v2 {"code", "message", "details"}.
+        code = _status_code(error.get("grpc_code", error.get("code")))
+        message = error.get("message")
+        return GatewayError(code, str(message) if message else f"gRPC status {code}")
+    code = _status_code(data.get("code"))
+    message = data.get("message") or error
+    if code is None and not message:
+        return None
+    return GatewayError(code, str(message) if message else f"gRPC status {code}")
+
+
+# What an empty reply means when the request carried an auth token. The wording names
+# "invalid auth token" so that the token is fetched again (see _transport._TOKEN_ERRORS).
+EMPTY_REPLY_WITH_TOKEN = (
+    "etcd sent an empty reply to a request with an auth token, which is how some "
+    "versions answer an invalid auth token (etcd issues 15256 and 20332)"
+)
+
+
+def empty_reply_message(exc: BaseException | None) -> str | None:
+    """``EMPTY_REPLY_WITH_TOKEN`` when ``exc`` (or its causes) is a connection etcd closed
+    without any reply (urllib3's ``RemoteDisconnected``); else ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return EMPTY_REPLY_WITH_TOKEN
+        inner = [a for a in getattr(exc, "args", ()) if isinstance(a, BaseException)]
+        exc = inner[-1] if inner else (exc.__cause__ or exc.__context__)
+    return None

@@ -35,6 +35,11 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from etcd_rendezvous.client._codec import (
+    EMPTY_REPLY_WITH_TOKEN,
+    decode_error,
+    empty_reply_message,
+)
 from etcd_rendezvous.client._diagnose import summarize_reply, unreachable_advice
 from etcd_rendezvous.client._endpoints import Endpoint, check_tls_files, parse_endpoints
 from etcd_rendezvous.errors import (
@@ -83,15 +88,8 @@ def _describe_key(key: bytes | str | None) -> str:
 
 def error_message(body: bytes | Json) -> str:
     """The ``message`` of a gateway error reply ('' when there is none)."""
-    data: Any = body
-    if isinstance(body, bytes | bytearray):
-        try:
-            data = _loads(body)
-        except ValueError:
-            return ""
-    if not isinstance(data, dict):
-        return ""
-    return str(data.get("message") or data.get("error") or "")
+    error = decode_error(body)
+    return error.message if error is not None else ""
 
 
 def may_resend(error: EtcdClientError, message: str, *, idempotent: bool) -> bool:
@@ -112,23 +110,25 @@ def translate_error(
     body: bytes | Json,
     key: bytes | str | None = None,
 ) -> EtcdClientError:
-    """Turn a gateway error reply ``{"error", "code", "message"}`` into our exception."""
-    data: Any = body
-    if isinstance(body, bytes | bytearray):
-        try:
-            data = _loads(body)
-        except ValueError:
-            data = None
-    if not isinstance(data, dict):
-        shown = summarize_reply(bytes(body)) if isinstance(body, bytes | bytearray) else repr(body)
+    """Turn a gateway error reply (either format, see ``_codec``) into our exception."""
+    error = decode_error(body)
+    if error is None:
+        raw = bytes(body) if isinstance(body, bytes | bytearray) else None
+        if raw is not None and not raw.strip() and status == 401:
+            return EtcdAuthError(
+                f"etcd {path} on {endpoint} failed with HTTP 401 and an empty body"
+                f"{_describe_key(key)}: {EMPTY_REPLY_WITH_TOKEN}",
+                endpoint=endpoint,
+                key=key,
+            )
+        shown = summarize_reply(raw) if raw is not None else repr(body)
         return EtcdRequestError(
             f"etcd {path} on {endpoint} failed with HTTP {status}{_describe_key(key)}: "
             f"{shown:.300}",
             endpoint=endpoint,
             key=key,
         )
-    code = data.get("code")
-    message = str(data.get("message") or data.get("error") or f"HTTP {status}")
+    code, message = error.code, error.message
     text = f"etcd {path} on {endpoint} failed{_describe_key(key)}: {message}"
     if code == GRPC_UNAVAILABLE or (code == GRPC_CANCELLED and "connection is closing" in message):
         # "grpc: the client connection is closing": the member is shutting down.
@@ -305,15 +305,24 @@ class Transport:
                 raise
             log.debug("etcd auth token rejected (%s); authenticating again", exc)
             self.authenticate(stale=headers.get("Authorization"))
-            return self._send(
-                path,
-                body,
-                headers=self._headers,
-                idempotent=idempotent,
-                key=key,
-                endpoint=endpoint,
-                timeout=timeout,
-            )
+        except EtcdUnavailableError as exc:
+            # An empty reply to a request with a token may mean "invalid auth token".
+            stale = headers.get("Authorization")
+            if stale is None or empty_reply_message(exc) is None:
+                raise
+            log.info("%s; authenticating again", EMPTY_REPLY_WITH_TOKEN)
+            self.authenticate(stale=stale)
+            if not idempotent:
+                raise  # the outcome is unknown: the caller decides, never a blind resend
+        return self._send(
+            path,
+            body,
+            headers=self._headers,
+            idempotent=idempotent,
+            key=key,
+            endpoint=endpoint,
+            timeout=timeout,
+        )
 
     def _send(
         self,

