@@ -17,7 +17,7 @@ from etcd_rendezvous.errors import (
 )
 from etcd_rendezvous.server import EtcdServer
 
-_THREAD_PREFIXES = ("etcd-watch", "etcd-lease")
+_THREAD_PREFIXES = ("etcd-watch", "etcd-lease", "etcd-keep-alive", "etcd-request-monitor")
 
 
 def _client_threads() -> set[threading.Thread]:

@@ -21,7 +21,7 @@ from etcd_rendezvous.client._types import (
     Status,
     TxnResponse,
 )
-from etcd_rendezvous.client.lease import Lease
+from etcd_rendezvous.client.lease import KeepAlive, Lease
 from etcd_rendezvous.client.txn import (
     AnyOp,
     Compare,
@@ -63,6 +63,14 @@ class EtcdClient:
     ``min(timeout, max(0.5, watch_idle_check / 2))``); a member that does not answer
     (paused, or a network stall that keeps the connection open) loses the stream and
     the watch resumes on another endpoint. ``None`` turns the check off.
+
+    ``spread`` (default on): with several endpoints, start at a random one rather than
+    the first, so that the many clients of a job (all given the same list) spread over
+    the members, and a stall of one member does not hit them all. ``spread=False``
+    always starts with the first endpoint.
+
+    Leases are kept alive by one thread per client (see
+    :mod:`etcd_rendezvous.client.lease`), many leases per request.
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class EtcdClient:
         watch_retry: Retry | None = None,
         watch_idle_check: float | None = 5.0,
         watch_probe_timeout: float | None = None,
+        spread: bool = True,
     ) -> None:
         self._transport = Transport(
             endpoints,
@@ -90,6 +99,7 @@ class EtcdClient:
             key=key,
             username=username,
             password=password,
+            spread=spread,
         )
         self.namespace = to_bytes(namespace)
         self._codec = Codec(self.namespace)
@@ -101,6 +111,7 @@ class EtcdClient:
         )
         self._watches: set[Watch] = set()
         self._leases: set[Lease] = set()
+        self._keeper = KeepAlive(self)
         self._closed = False
 
     # -- properties ----------------------------------------------------------
@@ -139,6 +150,7 @@ class EtcdClient:
         # Shared: closing any view stops every watch and keep-alive on the connections.
         view._watches = self._watches
         view._leases = self._leases
+        view._keeper = self._keeper
         view._closed = False
         return view
 
@@ -152,8 +164,11 @@ class EtcdClient:
         idempotent: bool,
         key: bytes | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
-        return self._transport.request(path, body, idempotent=idempotent, key=key, timeout=timeout)
+        return self._transport.request(
+            path, body, idempotent=idempotent, key=key, timeout=timeout, deadline=deadline
+        )
 
     def get(self, key: bytes | str, *, revision: int | None = None) -> KeyValue | None:
         """The key's current value (or at ``revision``), or ``None`` when it does not exist."""
@@ -282,14 +297,22 @@ class EtcdClient:
             [codec.strip(unb64(k)) for k in reply.get("keys") or ()],
         )
 
-    def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
+    def lease_keep_alive_once(
+        self, lease_id: int, *, timeout: float | None = None, deadline: float | None = None
+    ) -> int:
         """Refresh a lease once; return its new TTL. EtcdLeaseNotFoundError when it is gone.
 
         ``timeout`` (at most the client's) bounds the wait on each endpoint, so a hung
-        member costs that long before the next endpoint is tried.
+        member costs that long before the next endpoint is tried; ``deadline`` (a
+        ``time.monotonic()`` value) bounds the whole refresh, its time split between
+        the endpoints (see :meth:`Transport.request`).
         """
         reply = self._call(
-            "/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, timeout=timeout
+            "/v3/lease/keepalive",
+            {"ID": str(lease_id)},
+            idempotent=True,
+            timeout=timeout,
+            deadline=deadline,
         )
         result = reply.get("result")
         if result is None:
@@ -308,7 +331,11 @@ class EtcdClient:
         return ttl
 
     def lease_keep_alive_many(
-        self, lease_ids: Sequence[int], *, timeout: float | None = None
+        self,
+        lease_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> dict[int, int]:
         """Refresh many leases in one request; return each one's new TTL (0: gone).
 
@@ -323,6 +350,7 @@ class EtcdClient:
             [{"ID": str(lease_id)} for lease_id in lease_ids],
             idempotent=True,
             timeout=timeout,
+            deadline=deadline,
         )
         ttls = dict.fromkeys(lease_ids, 0)
         for line in reply.get("lines") or ():
@@ -347,15 +375,19 @@ class EtcdClient:
         keep_alive: bool = True,
         on_lost: Callable[[EtcdClientError], None] | None = None,
         lease_id: int | None = None,
+        interval: float | None = None,
     ) -> Lease:
-        """Grant a lease and keep it alive in the background (every ttl/3).
+        """Grant a lease and keep it alive in the background (every ``interval`` s,
+        default and at most ttl/3).
 
         Loss (expired, revoked, etcd unreachable past the TTL) is reported by
         :attr:`Lease.is_lost`, :attr:`Lease.error`, :meth:`Lease.wait_lost` and
         ``on_lost(error)``. Used as a context manager, the lease is revoked on exit.
         """
         grant = self.lease_grant(ttl, lease_id)
-        lease = Lease(self, grant.id, grant.ttl, keep_alive=keep_alive, on_lost=on_lost)
+        lease = Lease(
+            self, grant.id, grant.ttl, keep_alive=keep_alive, on_lost=on_lost, interval=interval
+        )
         self._leases.add(lease)
         return lease
 
@@ -493,6 +525,7 @@ class EtcdClient:
             watch.cancel()
         for lease in list(self._leases):
             lease.close()
+        self._keeper.close()
         if self._monitor is not None:
             self._monitor.close()
         self._transport.close()
