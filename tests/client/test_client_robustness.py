@@ -129,3 +129,16 @@ def test_watch_on_a_hung_server_fails_in_bounded_time(etcd_binary: str) -> None:
             assert not _wait_gone(_client_threads() - before)
         finally:
             server.process.resume()  # type: ignore[union-attr]
+
+
+def test_clients_spread_over_the_endpoints_unless_told_not_to() -> None:
+    endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    # No request is sent: the first endpoint is chosen when the client is made.
+    starts = set()
+    for _ in range(30):
+        with EtcdClient(endpoints) as client:
+            starts.add(client.endpoint)
+    assert len(starts) > 1, f"30 clients all started at {starts}"
+    with EtcdClient(endpoints, spread=False) as client:
+        assert client.endpoint == "http://127.0.0.1:1"
+        assert client.endpoints == [f"http://{e}" for e in endpoints]  # the failover order

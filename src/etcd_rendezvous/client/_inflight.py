@@ -14,7 +14,10 @@ member a status request and cuts the connection (``shutdown``) of the request wh
   old leader never committed will never be answered), and the reply still has not
   come ``grace`` seconds later (a write that survived the change is answered then).
 
-A cut read is then retried on the next endpoint at once; a cut write raises the
+The member is then reported (``on_member_failed(endpoint, reason, hung)``): the
+transport moves its requests to the next endpoint, and the client moves the watch
+streams of a member that hangs (a leaderless member ends them itself). A cut read is
+then retried on the next endpoint at once; a cut write raises the
 "outcome unknown" error (it may have been applied), at about the election time rather
 than after the client's timeout. A slow but healthy member (same leader, same term)
 is left alone.
@@ -61,12 +64,12 @@ class InFlight:
     def __init__(
         self,
         probe: Probe,
-        on_member_failed: Callable[[Any], None],
+        on_member_failed: Callable[[Any, str, bool], None],
         *,
         suspect_after: float = 0.3,
         probe_timeout: float = 1.0,
-        grace: float = 0.2,
-        interval: float = 0.1,
+        grace: float = 0.1,
+        interval: float = 0.05,
     ) -> None:
         self._probe = probe
         self._on_member_failed = on_member_failed
@@ -168,15 +171,17 @@ class InFlight:
             if reply is None:
                 continue
             if isinstance(reply, str):
-                self._cut(requests, f"{endpoint} did not answer a status request: {reply}")
-                self._on_member_failed(endpoint)
+                reason = f"{endpoint} did not answer a status request: {reply}"
+                self._cut(requests, reason)
+                self._on_member_failed(endpoint, reason, True)
                 continue
             leader = _int(reply.get("leader"))
             term = _int(reply.get("raftTerm"))
             self.saw_term(endpoint, term)
             if not leader:
-                self._cut(requests, f"{endpoint} has no leader")
-                self._on_member_failed(endpoint)
+                reason = f"{endpoint} has no leader"
+                self._cut(requests, reason)
+                self._on_member_failed(endpoint, reason, False)
                 continue
             now = time.monotonic()
             late = []

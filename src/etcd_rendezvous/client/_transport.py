@@ -25,7 +25,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -302,6 +302,7 @@ class Transport:
         if key is not None:
             self._tls["key_file"] = key
         self._pool_maxsize = pool_maxsize
+        self._failure_listeners: list[Callable[[Endpoint, str, bool], None]] = []
         # With somewhere to fail over to, requests stuck on a hung or leaderless member
         # are noticed and given up on (see _inflight.py).
         self._inflight = (
@@ -361,12 +362,24 @@ class Transport:
         i = eps.index(start) if start is not None else self._pinned
         return eps[i:] + eps[:i]
 
-    def _member_failed(self, ep: Endpoint) -> None:
-        """``ep`` hangs, is dead or has no leader: requests go to the next one first."""
+    def _member_failed(self, ep: Endpoint, reason: str, hung: bool) -> None:
+        """``ep`` hangs, is dead (``hung``) or has no leader: the next one goes first."""
         with self._lock:
             if ep in self.endpoints and self.pinned == ep:
                 self._pinned = (self._pinned + 1) % len(self.endpoints)
-                log.info("etcd client moves from %s to %s", ep, self.pinned)
+                log.info("etcd client moves from %s to %s (%s)", ep, self.pinned, reason)
+            listeners = list(self._failure_listeners)
+        for listener in listeners:
+            try:
+                listener(ep, reason, hung)
+            except Exception:
+                log.exception("a listener of etcd member failures failed")
+
+    def on_member_failed(self, listener: Callable[[Endpoint, str, bool], None]) -> None:
+        """Call ``listener(endpoint, reason, hung)`` when a request found its member hung,
+        dead (``hung`` true) or without a leader (see ``_inflight.py``)."""
+        with self._lock:
+            self._failure_listeners.append(listener)
 
     def pin(self, ep: Endpoint) -> None:
         i = self.endpoints.index(ep)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from etcd_rendezvous.client._codec import Codec, header_revision, to_int, unb64
 from etcd_rendezvous.client._retry import Retry
-from etcd_rendezvous.client._transport import Transport
+from etcd_rendezvous.client._transport import Endpoint, Transport
 from etcd_rendezvous.client._types import (
     DeleteResponse,
     KeyValue,
@@ -103,7 +103,11 @@ class EtcdClient:
         )
         self.namespace = to_bytes(namespace)
         self._codec = Codec(self.namespace)
-        self.watch_retry = watch_retry if watch_retry is not None else Retry(deadline=30.0)
+        # Resumes at most 0.25 s apart: a watch whose member lost its leader is back
+        # within that of the election (etcd elects in about a second).
+        self.watch_retry = (
+            watch_retry if watch_retry is not None else Retry(deadline=30.0, max_delay=0.25)
+        )
         self._monitor = (
             WatchMonitor(self._transport, watch_idle_check, probe_timeout=watch_probe_timeout)
             if watch_idle_check
@@ -113,6 +117,7 @@ class EtcdClient:
         self._leases: set[Lease] = set()
         self._keeper = KeepAlive(self)
         self._closed = False
+        self._transport.on_member_failed(self._move_watches)
 
     # -- properties ----------------------------------------------------------
 
@@ -431,6 +436,16 @@ class EtcdClient:
             self._watches.discard(watch)
             raise
         return watch
+
+    def _move_watches(self, endpoint: Endpoint, reason: str, hung: bool) -> None:
+        """A request found ``endpoint`` hung: its watch streams resume elsewhere now,
+        not after ``watch_idle_check`` seconds of silence."""
+        if not hung:
+            return  # a member without a leader ends its streams itself (hasleader)
+        for watch in list(self._watches):
+            state = watch._stream_state()
+            if state is not None and state[0] == endpoint:
+                watch._abort_stream(state[1], f"{endpoint} hangs: {reason}")
 
     # -- cluster -------------------------------------------------------------
 
