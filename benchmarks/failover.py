@@ -212,7 +212,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--binary", default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(relativeCreated)d %(threadName)s %(name)s %(message)s"
+    )
     urllib3.disable_warnings()
     sample = Sample()
     with EtcdCluster(3, binary=args.binary) as cluster:

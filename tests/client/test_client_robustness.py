@@ -142,3 +142,17 @@ def test_clients_spread_over_the_endpoints_unless_told_not_to() -> None:
     with EtcdClient(endpoints, spread=False) as client:
         assert client.endpoint == "http://127.0.0.1:1"
         assert client.endpoints == [f"http://{e}" for e in endpoints]  # the failover order
+
+
+def test_a_stream_error_reply_is_translated_like_a_unary_one() -> None:
+    # Recorded from etcd 3.4's keep-alive stream while the cluster had no leader: the
+    # error is nested, and must still read as "unavailable, not applied" (try the next).
+    body = (
+        b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",'
+        b'"http_status":"Service Unavailable"}}'
+    )
+    err = translate_error("/v3/lease/keepalive", "http://e:1", 503, body)
+    assert isinstance(err, EtcdUnavailableError)
+    assert str(err) == "etcd /v3/lease/keepalive on http://e:1 failed: etcdserver: no leader"
+    assert error_message(body) == "etcdserver: no leader"
+    assert may_resend(err, error_message(body), idempotent=False)

@@ -139,6 +139,33 @@ def test_paused_pinned_member_costs_no_rendezvous_lease(cluster: EtcdCluster, pa
         client.close()
 
 
+def test_an_election_longer_than_the_ttl_costs_no_lease(cluster: EtcdCluster) -> None:
+    # Two of three members killed: no leader until they are back, longer than the TTL.
+    # Nothing expires a lease meanwhile, and the new leader renews them all: the client
+    # must not declare them lost at its own estimate of the TTL.
+    survivor = _follower(cluster)
+    ns = f"/failover-{uuid.uuid4().hex}/"
+    with EtcdClient(_pinned_to(cluster, survivor), spread=False, namespace=ns) as client:
+        leases = [client.lease(5) for _ in range(3)]
+        for i, lease in enumerate(leases):
+            client.put(f"k{i}", "alive", lease=lease.id)
+        victims = [m for m in cluster.members if m is not survivor]
+        for member in victims:
+            member.kill()
+        time.sleep(5.5)  # the fault: no quorum, no leader, for longer than the TTL
+        for member in victims:
+            member.start(wait=False)
+        for member in victims:
+            member.wait_ready()
+        cluster.wait_ready()
+        lost = [lease.error for lease in leases if lease.is_lost]
+        assert not lost, f"leases lost to an election: {lost}"
+        assert all(client.lease_time_to_live(lease.id).ttl > 0 for lease in leases)
+        assert len(client.get_prefix("k")) == 3
+        for lease in leases:
+            lease.revoke()
+
+
 def test_write_right_after_a_leader_kill_is_given_up_not_timed_out(cluster: EtcdCluster) -> None:
     leader = cluster.leader()
     assert leader is not None

@@ -17,10 +17,10 @@ member a status request and cuts the connection (``shutdown``) of the request wh
 The member is then reported (``on_member_failed(endpoint, reason, hung)``): the
 transport moves its requests to the next endpoint, and the client moves the watch
 streams of a member that hangs (a leaderless member ends them itself). A cut read is
-then retried on the next endpoint at once; a cut write raises the
-"outcome unknown" error (it may have been applied), at about the election time rather
-than after the client's timeout. A slow but healthy member (same leader, same term)
-is left alone.
+then retried on the next endpoint at once; a cut write raises ``EtcdTimeoutError``
+saying that its outcome is unknown (it may have been applied), at about the election
+time rather than after the client's timeout. A slow but healthy member (same leader,
+same term) is left alone.
 """
 
 from __future__ import annotations

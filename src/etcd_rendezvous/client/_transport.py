@@ -166,7 +166,18 @@ def error_message(body: bytes | Json) -> str:
             return ""
     if not isinstance(data, dict):
         return ""
+    data = _unwrap(data)
     return str(data.get("message") or data.get("error") or "")
+
+
+def _unwrap(data: Json) -> Json:
+    """The error of a stream reply (``{"error": {"grpc_code", "message", ...}}``, e.g.
+    the keep-alive stream's "no leader") in the shape of a unary one."""
+    inner = data.get("error")
+    if isinstance(inner, dict) and "code" not in data:
+        code = inner.get("grpc_code", inner.get("code"))
+        return {**inner, "code": code, "message": inner.get("message") or ""}
+    return data
 
 
 def may_resend(error: EtcdClientError, message: str, *, idempotent: bool) -> bool:
@@ -202,6 +213,7 @@ def translate_error(
             endpoint=endpoint,
             key=key,
         )
+    data = _unwrap(data)
     code = data.get("code")
     message = str(data.get("message") or data.get("error") or f"HTTP {status}")
     text = f"etcd {path} on {endpoint} failed{_describe_key(key)}: {message}"
@@ -224,7 +236,7 @@ def translate_error(
     )
 
 
-class _NoLeaderError(EtcdUnavailableError):
+class NoLeaderError(EtcdUnavailableError):
     """Every member answered that it has no leader: the request was served nowhere."""
 
 
@@ -518,7 +530,7 @@ class Transport:
                     timeout=timeout,
                     deadline=deadline,
                 )
-            except _NoLeaderError:
+            except NoLeaderError:
                 if time.monotonic() + delay >= end:
                     raise
                 log.debug("etcd has no leader for %s; trying again in %.2fs", path, delay)
@@ -606,9 +618,16 @@ class Transport:
                     failures.append(f"{ep}: {why}")
                     last_exc = exc
                     continue
-                lost = "no reply" if cut is not None else "connection lost before the reply"
+                if cut is not None:
+                    # We stopped waiting for a reply that was not coming: a timeout.
+                    raise EtcdTimeoutError(
+                        f"etcd {path} on {ep}: no reply{_describe_key(key)} ({why}); "
+                        "the write may or may not have been applied (not retried)",
+                        endpoint=str(ep),
+                        key=key,
+                    ) from exc
                 raise EtcdUnavailableError(
-                    f"etcd {path} on {ep}: {lost}{_describe_key(key)} "
+                    f"etcd {path} on {ep}: connection lost before the reply{_describe_key(key)} "
                     f"({why}); the write may or may not have been applied (not retried)",
                     endpoint=str(ep),
                     key=key,
@@ -644,7 +663,7 @@ class Transport:
             raise err
         names = ", ".join(str(ep) for ep in order)
         if leaderless and leaderless + unsent == len(order):
-            raise _NoLeaderError(
+            raise NoLeaderError(
                 f"etcd has no leader for {path}{_describe_key(key)} (tried {names}): "
                 + "; ".join(failures)
                 + ". The cluster is electing one, or lost its quorum.",

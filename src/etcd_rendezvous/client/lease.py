@@ -9,7 +9,9 @@ Every refresh is bounded by the time its leases have left, split between the
 endpoints: the pinned member gets its share, then the next one, so a member that
 hangs (SIGSTOP, a stalled network) costs a fraction of the TTL, not the lease. A
 failed refresh is retried quickly; a lease is declared lost when etcd says it no
-longer exists, or when no refresh succeeded for a whole TTL. Loss is then visible
+longer exists, or when no refresh succeeded for a whole TTL (up to two while every
+member answers that it has no leader: during an election nothing expires, and the new
+leader renews every lease to its full TTL). Loss is then visible
 four ways: :attr:`Lease.is_lost`, :attr:`Lease.error`, :meth:`Lease.wait_lost` and
 the ``on_lost(error)`` callback. It is never silent, not even when the keep-alive
 thread itself dies (every lease it kept is then reported lost, with the cause).
@@ -24,6 +26,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from etcd_rendezvous.client._transport import NoLeaderError
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseLostError,
@@ -83,6 +86,7 @@ class Lease:
         self.interval = _interval(ttl, interval)
         self._due = self._last_refresh + self.interval  # next refresh (KeepAlive's)
         self._failures = 0
+        self._leaderless = False  # a refresh failed for want of a leader since the last one
         if keep_alive:
             client._keeper.add(self)
 
@@ -226,9 +230,9 @@ def _interval(ttl: int, interval: float | None) -> float:
 class KeepAlive:
     """The one thread of a client that keeps its leases alive (see the module doc).
 
-    Started with the first lease, it sleeps until a lease is due, then refreshes the
-    due ones (most urgent first) :data:`KEEPALIVE_BATCH` per request, each request
-    bounded by the least time one of its leases has left.
+    Started with the first lease (and ended when none is left), it sleeps until one is
+    due, then refreshes the due ones (most urgent first) :data:`KEEPALIVE_BATCH` per
+    request, each request bounded by the least time one of its leases has left.
     """
 
     def __init__(self, client: EtcdClient, *, batch: int = KEEPALIVE_BATCH) -> None:
@@ -300,7 +304,8 @@ class KeepAlive:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                if self._closed.is_set():
+                if self._closed.is_set() or not self._leases:
+                    self._thread = None  # idle: the next add() starts a new one
                     return
                 # Each lease's own clock (the same monotonic one unless a test injects one).
                 waits = [(lease._due - lease._clock(), lease) for lease in self._leases.values()]
@@ -325,10 +330,19 @@ class KeepAlive:
             )
         except EtcdClientError as exc:
             most = 0.0
+            electing = isinstance(exc, NoLeaderError) or "no leader" in str(exc)
             for lease in batch:
                 if lease._stop.is_set():
                     continue
+                # Sticky until the next success: a member still starting up (no reply)
+                # does not disprove the election seen a moment ago.
+                lease._leaderless = lease._leaderless or electing
                 left = lease.remaining
+                if left <= 0 and lease._leaderless:
+                    # No member has a leader: nothing expires leases now, and the next
+                    # leader renews every lease to its full TTL when elected. Keep
+                    # trying, for one more TTL at most (a partition can look the same).
+                    left = max(0.0, lease._last_refresh + 2 * lease.ttl - lease._clock())
                 if left <= 0:
                     self.remove(lease)
                     lease._set_lost(lease.expired_error(exc))
@@ -347,6 +361,7 @@ class KeepAlive:
                 lease._last_refresh = sent[lease.id]
                 lease._due = sent[lease.id] + lease.interval
                 lease._failures = 0
+                lease._leaderless = False
                 continue
             self.remove(lease)
             if not lease._stop.is_set():
