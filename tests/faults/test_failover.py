@@ -187,3 +187,28 @@ def test_write_right_after_a_leader_kill_is_given_up_not_timed_out(cluster: Etcd
             assert "given up: " in str(exc), f"after {took:.2f}s: {exc}"
         assert client.get("warm") is not None  # reads go on
         client.put("after", "the election")  # and so do writes
+
+
+def test_a_request_that_finds_its_member_hung_moves_the_watches(cluster: EtcdCluster) -> None:
+    victim = _follower(cluster)
+    ns = f"/failover-{uuid.uuid4().hex}/"
+    others = [m.endpoint for m in cluster.members if m is not victim]
+    # The idle check is off: only the stuck request can tell that the member hangs.
+    with (
+        EtcdClient(
+            _pinned_to(cluster, victim), spread=False, namespace=ns, watch_idle_check=None
+        ) as client,
+        EtcdClient(others, namespace=ns) as writer,
+    ):
+        watch = client.watch("k", prefix=True)
+        assert watch.endpoint == victim.url
+        victim.pause()
+        try:
+            assert client.get("k0") is None  # stuck, given up, answered by another member
+            writer.put("k1", "while paused")
+            event = watch.next_event(timeout=WAIT)
+            assert event is not None and event.value == b"while paused"
+            assert victim.is_running and watch.endpoint != victim.url
+        finally:
+            victim.resume()
+        watch.cancel()
