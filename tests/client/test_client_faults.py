@@ -125,7 +125,7 @@ def test_failover_when_member_killed(healthy_cluster: EtcdCluster) -> None:
     leader = healthy_cluster.leader()
     victim = next(m for m in healthy_cluster.members if m is not leader)
     endpoints = [victim.endpoint] + [m.endpoint for m in healthy_cluster.members if m is not victim]
-    with EtcdClient(endpoints, namespace="/failover/") as client:
+    with EtcdClient(endpoints, spread=False, namespace="/failover/") as client:
         client.put("k", "1")
         assert client.endpoint == victim.url
         victim.kill()
@@ -140,7 +140,7 @@ def test_watch_resumes_when_its_member_is_killed(healthy_cluster: EtcdCluster) -
     leader = healthy_cluster.leader()
     first = next(m for m in healthy_cluster.members if m is not leader)  # see above
     endpoints = [first.endpoint] + [m.endpoint for m in healthy_cluster.members if m is not first]
-    with EtcdClient(endpoints, namespace="/wkill/") as client:
+    with EtcdClient(endpoints, spread=False, namespace="/wkill/") as client:
         watch = client.watch("k", prefix=True)
         client.put("k1", "1")
         assert _next(watch).value == b"1"
@@ -162,7 +162,7 @@ def test_write_with_unknown_outcome_is_not_retried(healthy_cluster: EtcdCluster)
     paused = next(m for m in healthy_cluster.members if m is not leader)
     others = [m for m in healthy_cluster.members if m is not paused]
     endpoints = [paused.endpoint] + [m.endpoint for m in others]
-    with EtcdClient(endpoints, timeout=0.3, namespace="/paused/") as client:
+    with EtcdClient(endpoints, timeout=0.3, spread=False, namespace="/paused/") as client:
         paused.pause()
         try:
             with pytest.raises(EtcdTimeoutError, match="may or may not have been applied"):
@@ -179,7 +179,7 @@ def test_watch_and_lease_leave_a_paused_member(healthy_cluster: EtcdCluster) -> 
     paused = next(m for m in healthy_cluster.members if m is not leader)
     others = [m for m in healthy_cluster.members if m is not paused]
     endpoints = [paused.endpoint] + [m.endpoint for m in others]
-    with EtcdClient(endpoints, namespace="/hung/", watch_idle_check=0.5) as client:
+    with EtcdClient(endpoints, spread=False, namespace="/hung/", watch_idle_check=0.5) as client:
         watch = client.watch("k", prefix=True)
         assert watch.endpoint == paused.url
         lease = client.lease(2)  # the client timeout (5 s) is longer than the TTL

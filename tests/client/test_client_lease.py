@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -11,6 +13,7 @@ from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.client.lease import refresh_many
 from etcd_rendezvous.errors import (
     EtcdClientError,
+    EtcdLeaseLostError,
     EtcdLeaseNotFoundError,
 )
 
@@ -117,3 +120,50 @@ def test_refresh_many_marks_only_the_gone_lease_lost(etcd_client: EtcdClient) ->
     assert leases[1].remaining > 29
     for lease in leases[1:]:
         lease.revoke()
+
+
+def test_one_keep_alive_loop_refreshes_many_leases_per_request(
+    etcd_client: EtcdClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real = etcd_client.lease_keep_alive_many
+
+    def counted(ids: Sequence[int], **kwargs: Any) -> dict[int, int]:
+        batches.append(len(ids))
+        assert kwargs.get("deadline") is not None  # bounded by the time the leases have left
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(etcd_client, "lease_keep_alive_many", counted)
+
+    def keepers() -> int:
+        return sum(t.name.startswith("etcd-keep-alive") for t in threading.enumerate())
+
+    before = keepers()
+    leases = [etcd_client.lease(3, interval=0.2) for _ in range(20)]
+    deadline = time.monotonic() + 10
+    while sum(batches) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(batches) >= 60, batches
+    assert max(batches) > 1, f"one request per lease: {batches}"
+    assert keepers() <= before + 1  # one thread for all 20, not one each
+    for lease in leases:
+        lease.revoke()
+
+
+def test_a_crashed_keep_alive_thread_reports_every_lease_lost(
+    etcd_client: EtcdClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(ids: Sequence[int], **kwargs: Any) -> dict[int, int]:
+        raise RuntimeError("a bug in the keep-alive")
+
+    leases = [etcd_client.lease(3, interval=0.1) for _ in range(2)]
+    monkeypatch.setattr(etcd_client, "lease_keep_alive_many", broken)
+    for lease in leases:
+        assert lease.wait_lost(5), "a dead keep-alive thread went unreported"
+        assert isinstance(lease.error, EtcdLeaseLostError)
+        assert "crashed" in str(lease.error) and "a bug in the keep-alive" in str(lease.error)
+        assert isinstance(lease.error.__cause__, RuntimeError)
+    with pytest.raises(EtcdLeaseLostError, match="keep-alive thread died"):
+        etcd_client.lease(3)
+    for lease in leases:
+        etcd_client.lease_revoke(lease.id)

@@ -17,7 +17,7 @@ from etcd_rendezvous.errors import (
 )
 from etcd_rendezvous.server import EtcdServer
 
-_THREAD_PREFIXES = ("etcd-watch", "etcd-lease")
+_THREAD_PREFIXES = ("etcd-watch", "etcd-lease", "etcd-keep-alive", "etcd-request-monitor")
 
 
 def _client_threads() -> set[threading.Thread]:
@@ -129,3 +129,30 @@ def test_watch_on_a_hung_server_fails_in_bounded_time(etcd_binary: str) -> None:
             assert not _wait_gone(_client_threads() - before)
         finally:
             server.process.resume()  # type: ignore[union-attr]
+
+
+def test_clients_spread_over_the_endpoints_unless_told_not_to() -> None:
+    endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    # No request is sent: the first endpoint is chosen when the client is made.
+    starts = set()
+    for _ in range(30):
+        with EtcdClient(endpoints) as client:
+            starts.add(client.endpoint)
+    assert len(starts) > 1, f"30 clients all started at {starts}"
+    with EtcdClient(endpoints, spread=False) as client:
+        assert client.endpoint == "http://127.0.0.1:1"
+        assert client.endpoints == [f"http://{e}" for e in endpoints]  # the failover order
+
+
+def test_a_stream_error_reply_is_translated_like_a_unary_one() -> None:
+    # Recorded from etcd 3.4's keep-alive stream while the cluster had no leader: the
+    # error is nested, and must still read as "unavailable, not applied" (try the next).
+    body = (
+        b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",'
+        b'"http_status":"Service Unavailable"}}'
+    )
+    err = translate_error("/v3/lease/keepalive", "http://e:1", 503, body)
+    assert isinstance(err, EtcdUnavailableError)
+    assert str(err) == "etcd /v3/lease/keepalive on http://e:1 failed: etcdserver: no leader"
+    assert error_message(body) == "etcdserver: no leader"
+    assert may_resend(err, error_message(body), idempotent=False)

@@ -21,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -42,6 +45,7 @@ from etcd_rendezvous.client._codec import (
 )
 from etcd_rendezvous.client._diagnose import summarize_reply, unreachable_advice
 from etcd_rendezvous.client._endpoints import Endpoint, check_tls_files, parse_endpoints
+from etcd_rendezvous.client._inflight import InFlight
 from etcd_rendezvous.errors import (
     EtcdAuthError,
     EtcdClientError,
@@ -78,6 +82,17 @@ _NOT_APPLIED = frozenset(
 _TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
+# Asks a member to fail a request at once when it has no leader (rather than keep it
+# until etcd's own request timeout); sent with several endpoints, to KV and lease calls.
+_LEADER_HEADER = {"Grpc-Metadata-hasleader": "true"}
+_NEEDS_LEADER = ("/v3/kv/", "/v3/lease/")
+# What a member answers during an election (the request was not served).
+_ELECTING = frozenset({"etcdserver: no leader", "etcdserver: leader changed"})
+# How often a request that found no leader anywhere is tried again (within its timeout).
+_ELECTION_POLL = 0.05
+_ELECTION_POLL_MAX = 0.25
+# The least time one endpoint gets of a request's deadline (a round trip on a LAN).
+_MIN_SHARE = 0.05
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
 
@@ -149,6 +164,48 @@ def translate_error(
     )
 
 
+class NoLeaderError(EtcdUnavailableError):
+    """Every member answered that it has no leader: the request was served nowhere."""
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """A connection whose waits for a reply are registered with an :class:`InFlight`."""
+
+    def __init__(self, *args: Any, inflight: InFlight, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inflight = inflight
+
+    def getresponse(self) -> Any:
+        token = self._inflight.waiting(self.sock)
+        try:
+            return super().getresponse()
+        finally:
+            self._inflight.done(token)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    """:class:`_WatchedHTTPConnection` over TLS."""
+
+    def __init__(self, *args: Any, inflight: InFlight, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inflight = inflight
+
+    def getresponse(self) -> Any:
+        token = self._inflight.waiting(self.sock)
+        try:
+            return super().getresponse()
+        finally:
+            self._inflight.done(token)
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
 class Transport:
     """Connection pools to every endpoint, the pinned endpoint, the auth token."""
 
@@ -164,6 +221,7 @@ class Transport:
         username: str | None = None,
         password: str | None = None,
         pool_maxsize: int = 16,
+        spread: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -185,9 +243,19 @@ class Transport:
         if key is not None:
             self._tls["key_file"] = key
         self._pool_maxsize = pool_maxsize
-        self._pools = {ep: self._new_pool(ep, pool_maxsize) for ep in self.endpoints}
+        self._failure_listeners: list[Callable[[Endpoint, str, bool], None]] = []
+        # With somewhere to fail over to, requests stuck on a hung or leaderless member
+        # are noticed and given up on (see _inflight.py).
+        self._inflight = (
+            InFlight(self._status, self._member_failed, probe_timeout=min(1.0, timeout / 2))
+            if len(self.endpoints) > 1
+            else None
+        )
+        self._pools = {ep: self._new_pool(ep, pool_maxsize, watched=True) for ep in self.endpoints}
         self._stream_pools: dict[Endpoint, urllib3.HTTPConnectionPool] = {}
-        self._pinned = 0
+        # Many clients listing the same endpoints (every agent of a job) must not all
+        # talk to the first one: a stall of that member would then hit all of them.
+        self._pinned = random.randrange(len(self.endpoints)) if spread else 0
         self._lock = threading.Lock()
         self._username = username
         self._password = password
@@ -196,10 +264,27 @@ class Transport:
         self._headers: dict[str, str] = dict(_JSON_HEADERS)
         self._closed = False
 
-    def _new_pool(self, ep: Endpoint, maxsize: int) -> urllib3.HTTPConnectionPool:
+    def _new_pool(
+        self, ep: Endpoint, maxsize: int, *, watched: bool = False
+    ) -> urllib3.HTTPConnectionPool:
+        inflight = self._inflight if watched else None
         if ep.scheme == "https":
+            if inflight is not None:
+                return _WatchedHTTPSPool(
+                    ep.host,
+                    ep.port,
+                    maxsize=maxsize,
+                    block=False,
+                    retries=False,
+                    inflight=inflight,
+                    **self._tls,
+                )
             return urllib3.HTTPSConnectionPool(
                 ep.host, ep.port, maxsize=maxsize, block=False, retries=False, **self._tls
+            )
+        if inflight is not None:
+            return _WatchedHTTPPool(
+                ep.host, ep.port, maxsize=maxsize, block=False, retries=False, inflight=inflight
             )
         return urllib3.HTTPConnectionPool(
             ep.host, ep.port, maxsize=maxsize, block=False, retries=False
@@ -217,6 +302,25 @@ class Transport:
         eps = self.endpoints
         i = eps.index(start) if start is not None else self._pinned
         return eps[i:] + eps[:i]
+
+    def _member_failed(self, ep: Endpoint, reason: str, hung: bool) -> None:
+        """``ep`` hangs, is dead (``hung``) or has no leader: the next one goes first."""
+        with self._lock:
+            if ep in self.endpoints and self.pinned == ep:
+                self._pinned = (self._pinned + 1) % len(self.endpoints)
+                log.info("etcd client moves from %s to %s (%s)", ep, self.pinned, reason)
+            listeners = list(self._failure_listeners)
+        for listener in listeners:
+            try:
+                listener(ep, reason, hung)
+            except Exception:
+                log.exception("a listener of etcd member failures failed")
+
+    def on_member_failed(self, listener: Callable[[Endpoint, str, bool], None]) -> None:
+        """Call ``listener(endpoint, reason, hung)`` when a request found its member hung,
+        dead (``hung`` true) or without a leader (see ``_inflight.py``)."""
+        with self._lock:
+            self._failure_listeners.append(listener)
 
     def pin(self, ep: Endpoint) -> None:
         i = self.endpoints.index(ep)
@@ -281,10 +385,14 @@ class Transport:
         key: bytes | str | None = None,
         endpoint: Endpoint | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> Json:
         """POST ``body`` to ``path``; return the decoded reply (see the module doc).
 
-        ``timeout`` (default: the client's) bounds the wait on each endpoint. A list
+        ``timeout`` (default: the client's) bounds the wait on each endpoint.
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole request: the time
+        left is split between the endpoints not tried yet (the pinned one gets its
+        share, then the next), so a hung member cannot use it all up. A list
         ``body`` is sent as newline-delimited messages to a streaming endpoint (e.g. many
         lease keep-alives in one request); the reply is then ``{"lines": [message,
         ...]}``, one decoded message per reply line.
@@ -299,6 +407,7 @@ class Transport:
                 key=key,
                 endpoint=endpoint,
                 timeout=timeout,
+                deadline=deadline,
             )
         except EtcdAuthError as exc:
             if self._username is None or not any(t in str(exc) for t in _TOKEN_ERRORS):
@@ -322,6 +431,7 @@ class Transport:
             key=key,
             endpoint=endpoint,
             timeout=timeout,
+            deadline=deadline,
         )
 
     def _send(
@@ -334,10 +444,52 @@ class Transport:
         key: bytes | str | None = None,
         endpoint: Endpoint | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Json:
+        """:meth:`_send_once`, again while an election is under way (bounded by the timeout).
+
+        When every member answered that it has no leader (the request was applied
+        nowhere), the cluster is electing one: try again shortly, rather than fail a
+        request a second later would have served.
+        """
+        end = time.monotonic() + (self.timeout if timeout is None else min(timeout, self.timeout))
+        if deadline is not None:
+            end = min(end, deadline)
+        delay = _ELECTION_POLL
+        while True:
+            try:
+                return self._send_once(
+                    path,
+                    body,
+                    headers=headers,
+                    idempotent=idempotent,
+                    key=key,
+                    endpoint=endpoint,
+                    timeout=timeout,
+                    deadline=deadline,
+                )
+            except NoLeaderError:
+                if time.monotonic() + delay >= end:
+                    raise
+                log.debug("etcd has no leader for %s; trying again in %.2fs", path, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _ELECTION_POLL_MAX)
+
+    def _send_once(
+        self,
+        path: str,
+        body: Json | list[Json],
+        *,
+        headers: dict[str, str],
+        idempotent: bool,
+        key: bytes | str | None = None,
+        endpoint: Endpoint | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> Json:
         if self._closed:
             raise EtcdClientError("the etcd client is closed")
-        limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        limit = base = self.timeout if timeout is None else min(timeout, self.timeout)
         request_timeout = (
             self._timeout
             if timeout is None
@@ -348,26 +500,43 @@ class Transport:
             data = b"".join(_dumps(message).encode() + b"\n" for message in body)
         else:
             data = _dumps(body).encode()
+        inflight = self._inflight
+        if inflight is not None and path.startswith(_NEEDS_LEADER):
+            headers = {**headers, **_LEADER_HEADER}
         order = [endpoint] if endpoint is not None else self.rotation()
         failures: list[str] = []
         last_exc: BaseException | None = None
-        for ep in order:
+        leaderless = 0  # members that answered "no leader" ("leader changed")
+        unsent = 0  # members that never got the request (refused, connect timeout)
+        for i, ep in enumerate(order):
             pool = self._pools[ep]
-            try:
-                resp = pool.urlopen(
-                    "POST",
-                    path,
-                    body=data,
-                    headers=headers,
-                    retries=False,
-                    redirect=False,
-                    timeout=request_timeout,
-                    assert_same_host=False,
+            if deadline is not None:
+                # This endpoint's share of the time left (the rest is for the others).
+                share = (deadline - time.monotonic()) / (len(order) - i)
+                if share <= 0:
+                    failures.append(f"{ep}: not tried, no time left")
+                    continue
+                limit = max(min(base, share), _MIN_SHARE)
+                request_timeout = urllib3.Timeout(
+                    connect=min(limit, self.connect_timeout), read=limit
                 )
+            try:
+                with inflight.sending(ep) if inflight is not None else contextlib.nullcontext():
+                    resp = pool.urlopen(
+                        "POST",
+                        path,
+                        body=data,
+                        headers=headers,
+                        retries=False,
+                        redirect=False,
+                        timeout=request_timeout,
+                        assert_same_host=False,
+                    )
             except (ConnectTimeoutError, SSLError) as exc:
                 # Never sent: the next endpoint is safe for any request.
                 failures.append(f"{ep}: {_reason(exc)}")
                 last_exc = exc
+                unsent += 1
                 continue
             except ReadTimeoutError as exc:
                 if idempotent:
@@ -381,13 +550,23 @@ class Transport:
                     key=key,
                 ) from exc
             except (ProtocolError, HTTPError, OSError) as exc:
+                cut = inflight.cut_reason() if inflight is not None else None
+                why = f"given up: {cut}" if cut is not None else _reason(exc)
                 if idempotent:
-                    failures.append(f"{ep}: {_reason(exc)}")
+                    failures.append(f"{ep}: {why}")
                     last_exc = exc
                     continue
+                if cut is not None:
+                    # We stopped waiting for a reply that was not coming: a timeout.
+                    raise EtcdTimeoutError(
+                        f"etcd {path} on {ep}: no reply{_describe_key(key)} ({why}); "
+                        "the write may or may not have been applied (not retried)",
+                        endpoint=str(ep),
+                        key=key,
+                    ) from exc
                 raise EtcdUnavailableError(
                     f"etcd {path} on {ep}: connection lost before the reply{_describe_key(key)} "
-                    f"({_reason(exc)}); the write may or may not have been applied (not retried)",
+                    f"({why}); the write may or may not have been applied (not retried)",
                     endpoint=str(ep),
                     key=key,
                 ) from exc
@@ -410,14 +589,27 @@ class Transport:
                         endpoint=str(ep),
                         key=key,
                     ) from exc
+                if inflight is not None:
+                    inflight.saw_term(ep, _raft_term(reply))
                 return reply
             err = translate_error(path, str(ep), status, payload, key)
-            if may_resend(err, error_message(payload), idempotent=idempotent):
+            message = error_message(payload)
+            if may_resend(err, message, idempotent=idempotent):
                 failures.append(f"{ep}: {err}")
                 last_exc = err
+                if message.strip() in _ELECTING:
+                    leaderless += 1
                 continue
             raise err
         names = ", ".join(str(ep) for ep in order)
+        if leaderless and leaderless + unsent == len(order):
+            raise NoLeaderError(
+                f"etcd has no leader for {path}{_describe_key(key)} (tried {names}): "
+                + "; ".join(failures)
+                + ". The cluster is electing one, or lost its quorum.",
+                endpoint=str(order[-1]),
+                key=key,
+            ) from last_exc
         raise EtcdUnavailableError(
             f"no etcd endpoint reachable for {path}{_describe_key(key)} (tried {names}): "
             + "; ".join(failures)
@@ -508,8 +700,38 @@ class Transport:
         log.debug("etcd %s answered a probe with HTTP %d", endpoint, resp.status)
         return None
 
+    def _status(self, endpoint: Endpoint, timeout: float) -> Json | str | None:
+        """``endpoint``'s status reply within ``timeout`` s, why there is none (a str), or
+        ``None`` when it answered with something else (alive, state unknown)."""
+        if self._closed:
+            return "the etcd client is closed"
+        try:
+            resp = self._pools[endpoint].urlopen(
+                "POST",
+                "/v3/maintenance/status",
+                body=b"{}",
+                headers=self._headers,
+                retries=False,
+                redirect=False,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                assert_same_host=False,
+            )
+        except (HTTPError, OSError) as exc:
+            return f"no answer within {timeout:g}s ({_reason(exc)})"
+        try:
+            reply = _loads(resp.data)
+        except ValueError:
+            reply = None
+        if resp.status != 200 or not isinstance(reply, dict):
+            # It answers (an auth error, say): alive, and nothing more is known.
+            log.debug("etcd %s answered a status request with HTTP %d", endpoint, resp.status)
+            return None
+        return reply
+
     def close(self) -> None:
         self._closed = True
+        if self._inflight is not None:
+            self._inflight.close()
         with self._lock:
             pools = [*self._pools.values(), *self._stream_pools.values()]
         for pool in pools:
@@ -535,6 +757,21 @@ def release_stream(resp: urllib3.BaseHTTPResponse) -> None:
     if conn is not None:
         conn.close()
     resp.release_conn()
+
+
+def _raft_term(reply: Json) -> int:
+    """The raft term in a reply's header (0 when it has none)."""
+    lines = reply.get("lines")
+    first = lines[0] if isinstance(lines, list) and lines else reply
+    header = first.get("header") if isinstance(first, dict) else None
+    if isinstance(first, dict) and header is None:
+        inner = first.get("result")
+        header = inner.get("header") if isinstance(inner, dict) else None
+    term = header.get("raft_term") if isinstance(header, dict) else None
+    try:
+        return int(str(term or 0))
+    except ValueError:
+        return 0
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from etcd_rendezvous.client._codec import Codec, header_revision, to_int, unb64
+from etcd_rendezvous.client._endpoints import Endpoint
 from etcd_rendezvous.client._retry import Retry
 from etcd_rendezvous.client._transport import Transport
 from etcd_rendezvous.client._types import (
@@ -21,7 +22,7 @@ from etcd_rendezvous.client._types import (
     Status,
     TxnResponse,
 )
-from etcd_rendezvous.client.lease import Lease
+from etcd_rendezvous.client.lease import KeepAlive, Lease
 from etcd_rendezvous.client.txn import (
     AnyOp,
     Compare,
@@ -63,6 +64,14 @@ class EtcdClient:
     ``min(timeout, max(0.5, watch_idle_check / 2))``); a member that does not answer
     (paused, or a network stall that keeps the connection open) loses the stream and
     the watch resumes on another endpoint. ``None`` turns the check off.
+
+    ``spread`` (default on): with several endpoints, start at a random one rather than
+    the first, so that the many clients of a job (all given the same list) spread over
+    the members, and a stall of one member does not hit them all. ``spread=False``
+    always starts with the first endpoint.
+
+    Leases are kept alive by one thread per client (see
+    :mod:`etcd_rendezvous.client.lease`), many leases per request.
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class EtcdClient:
         watch_retry: Retry | None = None,
         watch_idle_check: float | None = 5.0,
         watch_probe_timeout: float | None = None,
+        spread: bool = True,
     ) -> None:
         self._transport = Transport(
             endpoints,
@@ -90,10 +100,15 @@ class EtcdClient:
             key=key,
             username=username,
             password=password,
+            spread=spread,
         )
         self.namespace = to_bytes(namespace)
         self._codec = Codec(self.namespace)
-        self.watch_retry = watch_retry if watch_retry is not None else Retry(deadline=30.0)
+        # Resumes at most 0.25 s apart: a watch whose member lost its leader is back
+        # within that of the election (etcd elects in about a second).
+        self.watch_retry = (
+            watch_retry if watch_retry is not None else Retry(deadline=30.0, max_delay=0.25)
+        )
         self._monitor = (
             WatchMonitor(self._transport, watch_idle_check, probe_timeout=watch_probe_timeout)
             if watch_idle_check
@@ -101,7 +116,9 @@ class EtcdClient:
         )
         self._watches: set[Watch] = set()
         self._leases: set[Lease] = set()
+        self._keeper = KeepAlive(self)
         self._closed = False
+        self._transport.on_member_failed(self._move_watches)
 
     # -- properties ----------------------------------------------------------
 
@@ -139,6 +156,7 @@ class EtcdClient:
         # Shared: closing any view stops every watch and keep-alive on the connections.
         view._watches = self._watches
         view._leases = self._leases
+        view._keeper = self._keeper
         view._closed = False
         return view
 
@@ -152,8 +170,11 @@ class EtcdClient:
         idempotent: bool,
         key: bytes | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
-        return self._transport.request(path, body, idempotent=idempotent, key=key, timeout=timeout)
+        return self._transport.request(
+            path, body, idempotent=idempotent, key=key, timeout=timeout, deadline=deadline
+        )
 
     def get(self, key: bytes | str, *, revision: int | None = None) -> KeyValue | None:
         """The key's current value (or at ``revision``), or ``None`` when it does not exist."""
@@ -282,14 +303,22 @@ class EtcdClient:
             [codec.strip(unb64(k)) for k in reply.get("keys") or ()],
         )
 
-    def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
+    def lease_keep_alive_once(
+        self, lease_id: int, *, timeout: float | None = None, deadline: float | None = None
+    ) -> int:
         """Refresh a lease once; return its new TTL. EtcdLeaseNotFoundError when it is gone.
 
         ``timeout`` (at most the client's) bounds the wait on each endpoint, so a hung
-        member costs that long before the next endpoint is tried.
+        member costs that long before the next endpoint is tried; ``deadline`` (a
+        ``time.monotonic()`` value) bounds the whole refresh, its time split between
+        the endpoints (see :meth:`Transport.request`).
         """
         reply = self._call(
-            "/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, timeout=timeout
+            "/v3/lease/keepalive",
+            {"ID": str(lease_id)},
+            idempotent=True,
+            timeout=timeout,
+            deadline=deadline,
         )
         result = reply.get("result")
         if result is None:
@@ -308,7 +337,11 @@ class EtcdClient:
         return ttl
 
     def lease_keep_alive_many(
-        self, lease_ids: Sequence[int], *, timeout: float | None = None
+        self,
+        lease_ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> dict[int, int]:
         """Refresh many leases in one request; return each one's new TTL (0: gone).
 
@@ -323,6 +356,7 @@ class EtcdClient:
             [{"ID": str(lease_id)} for lease_id in lease_ids],
             idempotent=True,
             timeout=timeout,
+            deadline=deadline,
         )
         ttls = dict.fromkeys(lease_ids, 0)
         for line in reply.get("lines") or ():
@@ -347,15 +381,19 @@ class EtcdClient:
         keep_alive: bool = True,
         on_lost: Callable[[EtcdClientError], None] | None = None,
         lease_id: int | None = None,
+        interval: float | None = None,
     ) -> Lease:
-        """Grant a lease and keep it alive in the background (every ttl/3).
+        """Grant a lease and keep it alive in the background (every ``interval`` s,
+        default and at most ttl/3).
 
         Loss (expired, revoked, etcd unreachable past the TTL) is reported by
         :attr:`Lease.is_lost`, :attr:`Lease.error`, :meth:`Lease.wait_lost` and
         ``on_lost(error)``. Used as a context manager, the lease is revoked on exit.
         """
         grant = self.lease_grant(ttl, lease_id)
-        lease = Lease(self, grant.id, grant.ttl, keep_alive=keep_alive, on_lost=on_lost)
+        lease = Lease(
+            self, grant.id, grant.ttl, keep_alive=keep_alive, on_lost=on_lost, interval=interval
+        )
         self._leases.add(lease)
         return lease
 
@@ -399,6 +437,16 @@ class EtcdClient:
             self._watches.discard(watch)
             raise
         return watch
+
+    def _move_watches(self, endpoint: Endpoint, reason: str, hung: bool) -> None:
+        """A request found ``endpoint`` hung: its watch streams resume elsewhere now,
+        not after ``watch_idle_check`` seconds of silence."""
+        if not hung:
+            return  # a member without a leader ends its streams itself (hasleader)
+        for watch in list(self._watches):
+            state = watch._stream_state()
+            if state is not None and state[0] == endpoint:
+                watch._abort_stream(state[1], f"{endpoint} hangs: {reason}")
 
     # -- cluster -------------------------------------------------------------
 
@@ -493,6 +541,7 @@ class EtcdClient:
             watch.cancel()
         for lease in list(self._leases):
             lease.close()
+        self._keeper.close()
         if self._monitor is not None:
             self._monitor.close()
         self._transport.close()

@@ -1,11 +1,20 @@
 """Leases kept alive in the background, whose loss is always reported.
 
-A :class:`Lease` refreshes itself every ``ttl / 3`` seconds from a daemon
-thread. A failed refresh is retried quickly (the client fails over to other
-endpoints); the lease is declared lost when etcd says it no longer exists, or
-when no refresh succeeded for a whole TTL. Loss is then visible four ways:
-:attr:`Lease.is_lost`, :attr:`Lease.error`, :meth:`Lease.wait_lost` and the
-``on_lost(error)`` callback. It is never silent.
+One :class:`KeepAlive` thread per client refreshes every lease kept alive on it
+(``ttl / 3`` seconds apart unless told more often), and sends the leases that are
+due together as one keep-alive request (up to :data:`KEEPALIVE_BATCH` of them):
+the rendezvous engine's node leases use this same loop, there is no second one.
+
+Every refresh is bounded by the time its leases have left, split between the
+endpoints: the pinned member gets its share, then the next one, so a member that
+hangs (SIGSTOP, a stalled network) costs a fraction of the TTL, not the lease. A
+failed refresh is retried quickly; a lease is declared lost when etcd says it no
+longer exists, or when no refresh succeeded for a whole TTL (up to two while every
+member answers that it has no leader: during an election nothing expires, and the new
+leader renews every lease to its full TTL). Loss is then visible
+four ways: :attr:`Lease.is_lost`, :attr:`Lease.error`, :meth:`Lease.wait_lost` and
+the ``on_lost(error)`` callback. It is never silent, not even when the keep-alive
+thread itself dies (every lease it kept is then reported lost, with the cause).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from etcd_rendezvous.client._transport import NoLeaderError
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseLostError,
@@ -28,11 +38,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_BATCH = 500
+"""Leases refreshed per keep-alive request (one POST to the gateway's keep-alive stream)."""
+
 # A failed keep-alive is retried after at most this long (and at least _MIN_RETRY).
 _MAX_RETRY = 0.5
 _MIN_RETRY = 0.02
-# Each keep-alive request waits at least this long for one endpoint's reply.
-_MIN_REQUEST_TIMEOUT = 0.5
+# A refresh must reach etcd this long before the lease expires by our estimate
+# (at most a tenth of the TTL): the time of the last attempt's round trip.
+_MARGIN = 0.25
+# A refresh gets at least this long in all, even past our estimate of the expiry
+# (etcd counts the TTL from when it got the last refresh, and extends every lease
+# when it elects a new leader: the lease may well still be there).
+_MIN_REQUEST = 0.5
 
 
 class Lease:
@@ -41,6 +59,7 @@ class Lease:
     ``id`` is what to pass as ``lease=`` to puts; ``ttl`` is the TTL etcd
     granted. As a context manager it revokes the lease on exit (deleting its
     keys); :meth:`close` only stops the keep-alive (the lease then expires).
+    ``interval``: seconds between refreshes (default, and at most, ``ttl / 3``).
     """
 
     def __init__(
@@ -52,6 +71,7 @@ class Lease:
         keep_alive: bool = True,
         on_lost: Callable[[EtcdClientError], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        interval: float | None = None,
     ) -> None:
         self.id = lease_id
         self.ttl = ttl
@@ -63,12 +83,12 @@ class Lease:
         self._error: EtcdClientError | None = None
         self._lock = threading.Lock()
         self._last_refresh = clock()
-        self._thread: threading.Thread | None = None
+        self.interval = _interval(ttl, interval)
+        self._due = self._last_refresh + self.interval  # next refresh (KeepAlive's)
+        self._failures = 0
+        self._leaderless = False  # a refresh failed for want of a leader since the last one
         if keep_alive:
-            self._thread = threading.Thread(
-                target=self._keep_alive, name=f"etcd-lease {lease_id:x}", daemon=True
-            )
-            self._thread.start()
+            client._keeper.add(self)
 
     # -- state ---------------------------------------------------------------
 
@@ -91,6 +111,16 @@ class Lease:
         """Seconds until the lease expires unless refreshed (our estimate)."""
         return max(0.0, self._last_refresh + self.ttl - self._clock())
 
+    def refresh_deadline(self) -> float:
+        """When a refresh sent now must have reached etcd (a ``clock()`` value).
+
+        The time left minus a margin for the round trip, but at least ``_MIN_REQUEST``
+        from now (etcd may still have a lease that our estimate says has expired).
+        """
+        now = self._clock()
+        margin = min(_MARGIN, self.ttl / 10.0)
+        return now + max(_MIN_REQUEST, self._last_refresh + self.ttl - margin - now)
+
     def expired_error(self, last: EtcdClientError) -> EtcdLeaseLostError:
         """The loss to report when no refresh reached etcd for a whole TTL (``last``: why)."""
         lost = EtcdLeaseLostError(
@@ -103,11 +133,35 @@ class Lease:
 
     # -- actions -------------------------------------------------------------
 
-    def refresh(self) -> int:
-        """Refresh now; return the new TTL. Raises (and reports loss) when it is gone."""
+    def keep_alive(
+        self,
+        *,
+        on_lost: Callable[[EtcdClientError], None] | None = None,
+        interval: float | None = None,
+    ) -> None:
+        """Have the client's keep-alive loop refresh this lease from now on.
+
+        For a lease granted with ``keep_alive=False``; ``on_lost`` and ``interval``
+        replace the ones given then (when given).
+        """
+        if on_lost is not None:
+            self._on_lost = on_lost
+        if interval is not None:
+            self.interval = _interval(self.ttl, interval)
+        self._stop.clear()
+        self._client._keeper.add(self)
+
+    def refresh(self, *, timeout: float | None = None) -> int:
+        """Refresh now; return the new TTL. Raises (and reports loss) when it is gone.
+
+        The refresh is bounded by the time the lease has left (see
+        :meth:`refresh_deadline`), split between the endpoints; ``timeout`` bounds
+        each endpoint's share further.
+        """
         sent = self._clock()
+        deadline = time.monotonic() + (self.refresh_deadline() - sent)
         try:
-            ttl = self._client.lease_keep_alive_once(self.id)
+            ttl = self._client.lease_keep_alive_once(self.id, timeout=timeout, deadline=deadline)
         except EtcdLeaseNotFoundError as exc:
             self._set_lost(exc)
             raise
@@ -127,14 +181,12 @@ class Lease:
             log.debug("lease %x was already gone when revoked", self.id)
 
     def close(self) -> None:
-        """Stop the keep-alive thread without revoking; idempotent."""
+        """Stop keeping the lease alive, without revoking it; idempotent.
+
+        A refresh already in flight may still complete; its outcome is not reported.
+        """
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            # At worst one keep-alive in flight: each endpoint's timeout, then it stops.
-            thread.join(timeout=self._client.timeout * len(self._client.endpoints) + 1.0)
-            if thread.is_alive():
-                log.warning("keep-alive thread of lease %x did not stop in time", self.id)
+        self._client._keeper.remove(self)
         self._client._forget_lease(self)
 
     def __enter__(self) -> Lease:
@@ -152,7 +204,7 @@ class Lease:
         state = "lost" if self.is_lost else ("stopped" if self._stop.is_set() else "alive")
         return f"<Lease {self.id:x} ttl={self.ttl} {state}>"
 
-    # -- keep-alive thread ---------------------------------------------------
+    # -- loss ------------------------------------------------------------------
 
     def _set_lost(self, error: EtcdClientError) -> None:
         with self._lock:
@@ -167,43 +219,160 @@ class Lease:
             except Exception:
                 log.exception("on_lost callback of lease %x failed", self.id)
 
-    def _keep_alive(self) -> None:
-        interval = max(self.ttl / 3.0, 0.05)
-        wait = interval
-        failures = 0
-        while not self._stop.wait(wait):
-            sent = self._clock()
-            try:
-                # A hung member must not cost the lease: give each endpoint a share
-                # of the time left, then the client tries the next one.
-                per_endpoint = max(_MIN_REQUEST_TIMEOUT, self.remaining / 3.0)
-                self._client.lease_keep_alive_once(self.id, timeout=per_endpoint)
-            except EtcdLeaseNotFoundError as exc:
-                if not self._stop.is_set():
-                    self._set_lost(exc)
-                return
-            except EtcdClientError as exc:
-                if self._stop.is_set():
+
+def _interval(ttl: int, interval: float | None) -> float:
+    every = ttl / 3.0 if interval is None else min(interval, ttl / 3.0)
+    if every <= 0:
+        raise ValueError(f"a keep-alive interval must be positive, got {interval}")
+    return max(every, 0.05)
+
+
+class KeepAlive:
+    """The one thread of a client that keeps its leases alive (see the module doc).
+
+    Started with the first lease (and ended when none is left), it sleeps until one is
+    due, then refreshes the due ones (most urgent first) :data:`KEEPALIVE_BATCH` per
+    request, each request bounded by the least time one of its leases has left.
+    """
+
+    def __init__(self, client: EtcdClient, *, batch: int = KEEPALIVE_BATCH) -> None:
+        self._client = client
+        self._batch = batch
+        self._leases: dict[int, Lease] = {}
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._crashed: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        """Refresh ``lease`` every ``lease.interval`` seconds from now on."""
+        with self._cond:
+            if self._crashed is not None:
+                raise EtcdLeaseLostError(
+                    f"cannot keep lease {lease.id:x} alive: the keep-alive thread died "
+                    f"({self._crashed!r})"
+                ) from self._crashed
+            if self._closed.is_set():
+                raise EtcdClientError("the etcd client is closed")
+            lease._due = min(lease._due, lease._clock() + lease.interval)
+            self._leases[lease.id] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="etcd-keep-alive", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        """Stop refreshing ``lease`` (a refresh in flight still completes)."""
+        with self._cond:
+            if self._leases.get(lease.id) is lease:
+                del self._leases[lease.id]
+
+    def close(self) -> None:
+        """Stop the thread (waiting at most the client's timeout for a request in flight)."""
+        with self._cond:
+            self._closed.set()
+            self._leases.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self._client.timeout + 1.0)
+            if thread.is_alive():
+                log.warning("the etcd keep-alive thread did not stop in time")
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            # Never silent: every lease we kept is reported lost, and no new one is taken.
+            log.exception("the etcd keep-alive thread crashed")
+            with self._cond:
+                self._crashed = exc
+                leases = list(self._leases.values())
+                self._leases.clear()
+            for lease in leases:
+                error = EtcdLeaseLostError(
+                    f"lease {lease.id} ({lease.id:x}) lost: its keep-alive thread crashed: {exc!r}"
+                )
+                error.__cause__ = exc
+                lease._set_lost(error)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed.is_set() or not self._leases:
+                    self._thread = None  # idle: the next add() starts a new one
                     return
-                failures += 1
-                left = self.remaining
+                # Each lease's own clock (the same monotonic one unless a test injects one).
+                waits = [(lease._due - lease._clock(), lease) for lease in self._leases.values()]
+                due = [lease for wait, lease in waits if wait <= 0]
+                if not due:
+                    self._cond.wait(min([1.0, *(wait for wait, _ in waits)]))
+                    continue
+            due.sort(key=lambda lease: lease.remaining)
+            for start in range(0, len(due), self._batch):
+                if self._closed.is_set():
+                    return
+                self._refresh(due[start : start + self._batch])
+
+    def _refresh(self, batch: list[Lease]) -> None:
+        """One keep-alive request for ``batch``; reschedule, or report the lost."""
+        deadline = min(lease.refresh_deadline() for lease in batch)
+        sent = {lease.id: lease._clock() for lease in batch}
+        try:
+            ttls = self._client.lease_keep_alive_many(
+                [lease.id for lease in batch],
+                deadline=time.monotonic() + (deadline - batch[0]._clock()),
+            )
+        except EtcdClientError as exc:
+            most = 0.0
+            electing = isinstance(exc, NoLeaderError) or "no leader" in str(exc)
+            for lease in batch:
+                if lease._stop.is_set():
+                    continue
+                # Sticky until the next success: a member still starting up (no reply)
+                # does not disprove the election seen a moment ago.
+                lease._leaderless = lease._leaderless or electing
+                left = lease.remaining
+                if left <= 0 and lease._leaderless:
+                    # No member has a leader: nothing expires leases now, and the next
+                    # leader renews every lease to its full TTL when elected. Keep
+                    # trying, for one more TTL at most (a partition can look the same).
+                    left = max(0.0, lease._last_refresh + 2 * lease.ttl - lease._clock())
                 if left <= 0:
-                    self._set_lost(self.expired_error(exc))
-                    return
-                wait = min(_MAX_RETRY, max(_MIN_RETRY, left / 4.0), _MIN_RETRY * 2**failures)
-                log.warning(
-                    "keep-alive of lease %x failed (%s); retrying, %.1fs left", self.id, exc, left
+                    self.remove(lease)
+                    lease._set_lost(lease.expired_error(exc))
+                    continue
+                lease._failures += 1
+                lease._due = lease._clock() + min(
+                    _MAX_RETRY, max(_MIN_RETRY, left / 4.0), _MIN_RETRY * 2**lease._failures
                 )
+                most = max(most, left)
+            log.warning(
+                "keep-alive of %d lease(s) failed (%s); retrying, %.1fs left", len(batch), exc, most
+            )
+            return
+        for lease in batch:
+            if ttls.get(lease.id, 0) > 0:
+                lease._last_refresh = sent[lease.id]
+                lease._due = sent[lease.id] + lease.interval
+                lease._failures = 0
+                lease._leaderless = False
                 continue
-            except Exception as exc:
-                # A bug or an unexpected reply: report it rather than die silently.
-                self._set_lost(
-                    EtcdLeaseLostError(f"keep-alive of lease {self.id:x} crashed: {exc!r}")
-                )
-                raise
-            self._last_refresh = sent
-            failures = 0
-            wait = interval
+            self.remove(lease)
+            if not lease._stop.is_set():
+                lease._set_lost(_not_found(lease, self._client.endpoint))
+
+
+def _not_found(lease: Lease, endpoint: str) -> EtcdLeaseNotFoundError:
+    return EtcdLeaseNotFoundError(
+        f"lease {lease.id} ({lease.id:x}) not found on {endpoint}: it expired or was revoked",
+        endpoint=endpoint,
+    )
 
 
 def refresh_many(
@@ -212,23 +381,23 @@ def refresh_many(
     """Refresh ``leases`` (all of one client) in one request; those etcd no longer knows.
 
     Each returned lease is also marked lost (as by :meth:`Lease.refresh`). A transport
-    error raises for the whole batch and marks nothing.
+    error raises for the whole batch and marks nothing. The request is bounded by the
+    least time one of the leases has left (see :meth:`Lease.refresh_deadline`).
     """
     if not leases:
         return {}
     client = leases[0]._client
-    sent = min(lease._clock() for lease in leases)
-    ttls = client.lease_keep_alive_many([lease.id for lease in leases], timeout=timeout)
+    now = min(lease._clock() for lease in leases)
+    deadline = min(lease.refresh_deadline() for lease in leases)
+    ttls = client.lease_keep_alive_many(
+        [lease.id for lease in leases], timeout=timeout, deadline=time.monotonic() + deadline - now
+    )
     gone: dict[int, EtcdLeaseNotFoundError] = {}
     for lease in leases:
         if ttls.get(lease.id, 0) > 0:
-            lease._last_refresh = sent
+            lease._last_refresh = now
             continue
-        error = EtcdLeaseNotFoundError(
-            f"lease {lease.id} ({lease.id:x}) not found on {client.endpoint}: "
-            "it expired or was revoked",
-            endpoint=client.endpoint,
-        )
+        error = _not_found(lease, client.endpoint)
         lease._set_lost(error)
         gone[lease.id] = error
     return gone

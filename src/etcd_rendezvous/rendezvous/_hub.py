@@ -9,7 +9,7 @@ threads, and open far more concurrent requests than the client's connection pool
 * one watch on the run's ``ctl/`` prefix and one thread that reads it in batches and
   hands every batch to each attached node (the leader is detached: it watches the whole
   run prefix itself, see ``engine.py``);
-* one keep-alive thread for every node lease (:class:`LeaseKeeper`);
+* the node leases, all kept alive by the client's one keep-alive loop (:class:`LeaseKeeper`);
 * a semaphore bounding concurrent etcd requests to the size of the connection pool;
 * what it learned of the leader key, so that N nodes seeing a vacancy send one
   leader-create txn, not N.
@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from etcd_rendezvous.client import EtcdClient, Lease, Retry, Watch
-from etcd_rendezvous.client.lease import refresh_many
 from etcd_rendezvous.errors import (
     EtcdClientError,
 )
@@ -41,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_BATCH = 500
-"""Leases refreshed per keep-alive request (one POST to the gateway's keep-alive stream)."""
-
 IO_SLOTS = 16
 """Concurrent etcd requests per hub: the client's connection pool keeps 16 connections."""
 
@@ -51,30 +45,24 @@ Batch = list[tuple[int, Event | RendezvousError]]
 """(revision, machine event or the decoding error) in watch order."""
 
 
-@dataclass
-class _Kept:
-    lease: Lease
-    on_lost: Callable[[EtcdClientError], None]
-    due: float
-    interval: float
-
-
 class LeaseKeeper:
-    """One thread refreshing many leases, each every ``interval`` seconds (``ttl / 3``
-    unless told otherwise); the leases due together go in one request.
+    """The node leases of one hub, kept alive by their client's keep-alive loop.
+
+    There is one keep-alive loop per client (:class:`~etcd_rendezvous.client.lease.
+    KeepAlive`): it refreshes many leases per request, bounds each refresh by the time
+    its leases have left, and never waits for one of the hub's I/O slots (a keep-alive
+    must not queue behind requests stuck on a hung member). This only remembers which
+    leases the hub's nodes handed over, so that :meth:`stop` lets go of them all.
 
     A lease that etcd no longer knows, or that no refresh reached for a whole TTL, is
     reported once through its ``on_lost`` callback and dropped.
     """
 
-    def __init__(self, io: threading.BoundedSemaphore, name: str) -> None:
-        self._io = io
-        self._leases: dict[int, _Kept] = {}
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"keep-alive {name}", daemon=True)
-        self._thread.start()
+        self._stopped = False
 
     def add(
         self,
@@ -83,63 +71,25 @@ class LeaseKeeper:
         *,
         interval: float | None = None,
     ) -> None:
-        every = lease.ttl / 3.0 if interval is None else min(interval, lease.ttl / 3.0)
-        with self._wake:
-            self._leases[lease.id] = _Kept(lease, on_lost, time.monotonic() + every, every)
-            self._wake.notify()
+        with self._lock:
+            if self._stopped:
+                raise EtcdClientError(f"the keep-alive of rendezvous {self._name} was stopped")
+            self._leases[lease.id] = lease
+        lease.keep_alive(on_lost=on_lost, interval=interval)
 
     def remove(self, lease: Lease) -> None:
+        """Stop refreshing ``lease`` (not revoked: it expires unless revoked)."""
         with self._lock:
             self._leases.pop(lease.id, None)
+        lease.close()
 
     def stop(self) -> None:
-        """Stop the thread (not joined: it may be calling a handler that waits for a lock)."""
-        with self._wake:
-            self._stopped.set()
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                if self._stopped.is_set():
-                    return
-                now = time.monotonic()
-                due = [k for k in self._leases.values() if k.due <= now]
-                if not due:
-                    wake = min((k.due for k in self._leases.values()), default=now + 1.0)
-                    self._wake.wait(max(0.0, wake - now))
-                    continue
-            lost: list[tuple[_Kept, EtcdClientError]] = []
-            for start in range(0, len(due), KEEPALIVE_BATCH):
-                if self._stopped.is_set():
-                    return
-                lost += self._refresh(due[start : start + KEEPALIVE_BATCH])
-            for kept, error in lost:
-                self.remove(kept.lease)
-                try:
-                    kept.on_lost(error)
-                except Exception:
-                    log.exception("lease-lost handler of lease %x failed", kept.lease.id)
-
-    def _refresh(self, batch: list[_Kept]) -> list[tuple[_Kept, EtcdClientError]]:
-        """Refresh ``batch`` in one request; the leases lost, with why."""
-        try:
-            with self._io:
-                gone = refresh_many([kept.lease for kept in batch])
-        except EtcdClientError as exc:
-            lost: list[tuple[_Kept, EtcdClientError]] = []
-            for kept in batch:
-                left = kept.lease.remaining
-                if left <= 0:
-                    lost.append((kept, kept.lease.expired_error(exc)))
-                else:
-                    kept.due = time.monotonic() + min(0.5, max(0.02, left / 4.0))
-            log.warning("keep-alive of %d lease(s) failed: %s", len(batch), exc)
-            return lost
-        now = time.monotonic()
-        for kept in batch:
-            kept.due = now + kept.interval
-        return [(kept, gone[kept.lease.id]) for kept in batch if kept.lease.id in gone]
+        """Stop refreshing every lease still here."""
+        with self._lock:
+            self._stopped = True
+            leases, self._leases = list(self._leases.values()), {}
+        for lease in leases:
+            lease.close()
 
 
 class Hub:
@@ -149,7 +99,7 @@ class Hub:
         self.client = client
         self.keys = keys
         self.io = threading.BoundedSemaphore(IO_SLOTS)
-        self.keeper = LeaseKeeper(self.io, keys.run_id)
+        self.keeper = LeaseKeeper(keys.run_id)
         self._retry = retry
         self._lock = threading.Lock()
         self._registered: set[Rendezvous] = set()

@@ -536,8 +536,10 @@ class Rendezvous:
         if now < self._leader_refreshed + self.keepalive_interval:
             return
         try:
-            with self._slots():
-                lease.refresh()
+            # No I/O slot: a keep-alive must not queue behind requests stuck on a hung
+            # member. The refresh is bounded by the time the lease has left (split
+            # between the endpoints), not by the client's full timeout.
+            lease.refresh()
         except EtcdLeaseNotFoundError:
             log.warning(
                 "node %s lost the leadership of rendezvous %s: its leader lease expired",
