@@ -145,7 +145,9 @@ def test_one_keep_alive_loop_refreshes_many_leases_per_request(
         time.sleep(0.05)
     assert sum(batches) >= 60, batches
     assert max(batches) > 1, f"one request per lease: {batches}"
-    assert keepers() <= before + 1  # one thread for all 20, not one each
+    # One thread for all 20, not one each (a loop that just ended may still be exiting
+    # while its successor starts, hence the slack of one).
+    assert keepers() <= before + 2, f"{keepers() - before} keep-alive threads for 20 leases"
     for lease in leases:
         lease.revoke()
 
