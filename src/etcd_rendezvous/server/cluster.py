@@ -16,7 +16,13 @@ import urllib3
 
 from etcd_rendezvous.errors import EtcdRendezvousError, EtcdServerError, EtcdStartError
 from etcd_rendezvous.server._binary import etcd_version, find_etcd_binary
-from etcd_rendezvous.server._ports import format_host, free_ports, http_url, looks_like_bind_error
+from etcd_rendezvous.server._ports import (
+    NoFreePortError,
+    format_host,
+    free_ports,
+    http_url,
+    looks_like_bind_error,
+)
 from etcd_rendezvous.server._process import (
     DEFAULT_STOP_TIMEOUT,
     ChildExitedError,
@@ -430,7 +436,10 @@ class EtcdCluster:
             if attempt > 0 or not self._members[0].client_port:
                 try:
                     ports = free_ports(2 * self._size, self.host)
-                except OSError as exc:  # not an address of this machine, or no such name
+                except (
+                    OSError,
+                    NoFreePortError,
+                ) as exc:  # not an address of this machine, or no such name
                     raise EtcdStartError(host_error(self.host, exc)) from exc
                 for i, member in enumerate(self._members):
                     member.client_port, member.peer_port = ports[2 * i], ports[2 * i + 1]

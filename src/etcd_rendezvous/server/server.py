@@ -38,6 +38,7 @@ from etcd_rendezvous.errors import (
 )
 from etcd_rendezvous.server._binary import etcd_version, find_etcd_binary
 from etcd_rendezvous.server._ports import (
+    NoFreePortError,
     describe_listener,
     format_host,
     free_ports,
@@ -106,10 +107,11 @@ def etcd_argv(
     ]  # fmt: skip
 
 
-def host_error(host: str, exc: OSError) -> str:
+def host_error(host: str, exc: Exception) -> str:
     """Why etcd cannot listen on ``host`` (no free port could be bound there)."""
+    cause = exc.__cause__ if isinstance(exc, NoFreePortError) and exc.__cause__ else exc
     return (
-        f"cannot listen on host {host!r}: {exc}; etcd runs on this machine, so the host must "
+        f"cannot listen on host {host!r}: {cause}; etcd runs on this machine, so the host must "
         "be one of its addresses (127.0.0.1 for this machine only)"
     )
 
@@ -508,7 +510,10 @@ class EtcdServer:
         need_peer = not self._requested_peer_port and (fresh or not self._peer_port)
         try:
             ports = free_ports(int(need_client) + int(need_peer), self._host)
-        except OSError as exc:  # not an address of this machine, or a name that won't resolve
+        except (
+            OSError,
+            NoFreePortError,
+        ) as exc:  # not an address of this machine, or a name that won't resolve
             raise EtcdStartError(host_error(self._host, exc)) from exc
         if need_client:
             self._port = ports.pop(0)
