@@ -202,8 +202,13 @@ def test_set_closed_is_closed_and_next_rendezvous_fails(
     wait_until(b.is_closed, 10, "the close to reach the other node")
     with pytest.raises(RendezvousClosedError):
         b.next_rendezvous()
-    # A node created after the close sees it at once.
-    assert make_handler(rid, 2).is_closed()
+    # A node created after the close, while the closed run's nodes live, is refused
+    # (after waiting lease_ttl + 2 s for them to go) with the command that fixes it.
+    began = time.monotonic()
+    with pytest.raises(RendezvousClosedError, match=f"rdzv delete {rid}") as info:
+        make_handler(rid, 2, lease_ttl="1")
+    took = time.monotonic() - began
+    assert "nodes still hold leases" in str(info.value), f"{info.value} after {took:.1f}s"
 
 
 def test_shutdown_closes_for_everyone_and_is_idempotent(
