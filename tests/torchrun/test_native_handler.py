@@ -7,6 +7,7 @@ closing, shutdown, fail-fast options. Runs on every installed etcd binary.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -306,3 +307,40 @@ def test_rank0_without_bootstrap_port_is_a_clear_state_error() -> None:
     )
     with pytest.raises(RendezvousStateError, match=r"'n0' \(rank 0 of round 3\).*port"):
         bootstrap_info(assignment, "run")
+
+
+# --- issue 13 item 2: etcd gone -----------------------------------------------------------
+
+
+def test_etcd_gone_is_said_on_the_console_and_shutdown_is_bounded(
+    etcd_binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog warns within seconds; shutdown (close, leave) costs seconds, not 60."""
+    server = EtcdServer(binary=etcd_binary)
+    server.start()
+    try:
+        params = RendezvousParameters(
+            BACKEND,
+            server.endpoint,
+            run_id(),
+            1,
+            1,
+            local_addr="127.0.0.1",
+            last_call_timeout="1",
+            join_timeout="30",
+        )
+        handler = create_native_handler(params)
+        in_threads([handler.next_rendezvous])
+    finally:
+        server.stop()
+    caplog.set_level(logging.WARNING, logger="torch.distributed.elastic.rendezvous.etcd_v3")
+    stopped = time.monotonic()
+    wait_until(
+        lambda: "does not answer" in caplog.text, 10, "the watchdog to say etcd does not answer"
+    )
+    said = time.monotonic() - stopped
+    began = time.monotonic()
+    assert handler.shutdown() is False
+    took = time.monotonic() - began
+    assert took < 15, f"shutdown took {took:.1f}s with etcd gone (said so after {said:.1f}s)"
+    assert "closing rendezvous" in caplog.text, caplog.text

@@ -62,6 +62,7 @@ no collective has failed yet (e.g. the workers of a node whose agent died still 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import socket
 import threading
@@ -132,15 +133,42 @@ def store_prefix(key_prefix: str, run_id: str) -> str:
     return _lifecycle.store_prefix(key_prefix, run_id)
 
 
+#: Seconds during which a repeated warning (same logger and line) is not forwarded again.
+CONSOLE_REPEAT = 5.0
+
+
 class _ConsoleForwarder(logging.Handler):
-    """Our WARNING and ERROR records, on torchrun's console (through torch's logger tree)."""
+    """Our WARNING and ERROR records, on torchrun's console (through torch's logger tree).
+
+    A warning repeated from the same place (a retry loop against a dead etcd) reaches
+    the console once per :data:`CONSOLE_REPEAT` seconds, with the count of the others.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._last: dict[tuple[str, int], tuple[float, int]] = {}  # -> (time, suppressed)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _agent_log.isEnabledFor(record.levelno):
-            _agent_log.handle(record)
+        if not _agent_log.isEnabledFor(record.levelno):
+            return
+        where = (record.name, record.lineno)
+        now = time.monotonic()
+        with self.lock or contextlib.nullcontext():
+            last, suppressed = self._last.get(where, (-CONSOLE_REPEAT, 0))
+            if now - last < CONSOLE_REPEAT:
+                self._last[where] = (last, suppressed + 1)
+                return
+            self._last[where] = (now, 0)
+        if suppressed:
+            record = logging.makeLogRecord(record.__dict__)  # others see the original
+            record.msg = (
+                f"{record.msg} ({suppressed} similar messages in the last "
+                f"{now - last:.0f}s not shown)"
+            )
+        _agent_log.handle(record)
 
 
-_forwarder = _ConsoleForwarder(logging.WARNING)
+_forwarder = _ConsoleForwarder()
 
 
 def forward_warnings_to_console() -> None:
@@ -541,7 +569,7 @@ def _run_watchdog(
                 if now - warned >= WATCHDOG_REPEAT:
                     warned = now
                     _agent_log.warning(
-                        "etcd-v3 rendezvous %r: etcd at %s has not answered for %.0fs (%s); %s",
+                        "etcd-v3 rendezvous %r: etcd at %s does not answer (for %.0fs: %s); %s",
                         run_id,
                         endpoints,
                         silent,
