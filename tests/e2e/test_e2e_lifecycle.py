@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from e2e.harness import Node, Torchrun
+from e2e.harness import Node, Torchrun, port_is_free
 from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun._options import embedded_port
 
@@ -35,16 +35,6 @@ HOSTS = "hosts the job's etcd"
 def one_etcd() -> Iterator[EtcdServer]:
     with EtcdServer() as server:
         yield server
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_run_id(prefix: str) -> str:
