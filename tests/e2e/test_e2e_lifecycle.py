@@ -8,6 +8,8 @@ it measured in its assertion messages.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -126,6 +128,30 @@ def test_hosting_agent_killed_the_survivor_says_so_and_exits(
     assert "the job's embedded etcd" in log and "has not answered" in log, (
         f"the survivor must say its etcd is gone ({took:.1f}s after the kill):\n{log[-3000:]}"
     )
+
+
+def test_only_the_hosting_agent_killed_the_job_finishes_and_exits_fast(
+    torchrun: Torchrun, tmp_path: Path
+) -> None:
+    """SIGKILL only the hosting agent: the workers finish; the survivor exits 0 in seconds."""
+    run_id = free_run_id("agent-killed")
+    finish = tmp_path / "finish"
+    for _ in range(2):
+        start(torchrun, run_id, "1:2", max_restarts=3, finish=finish)
+    wait_markers(torchrun, 2, world=2)
+    host = next(i for i, n in enumerate(torchrun.nodes) if HOSTS in n.log())
+    survivor = torchrun.nodes[1 - host]
+    os.kill(torchrun.nodes[host].proc.pid, signal.SIGKILL)  # its worker keeps running
+    torchrun.nodes[host].proc.wait(10)
+    time.sleep(1.0)
+    finish.touch()
+    finished = time.monotonic()
+    code = survivor.wait(60)
+    took = time.monotonic() - finished
+    log = survivor.log()
+    assert code == 0 and survivor.results(), f"exit {code} {took:.1f}s after the finish:\n{log}"
+    assert "does not answer" in log, f"{took:.1f}s after the finish:\n{log[-3000:]}"
+    assert took < 30, f"the survivor took {took:.1f}s to exit after its workers finished"
 
 
 def test_run_id_used_again_starts_afresh(torchrun: Torchrun, one_etcd: EtcdServer) -> None:

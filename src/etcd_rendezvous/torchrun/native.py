@@ -33,8 +33,9 @@ afresh (one still holding leases after ``lease_ttl + 2`` s is an error naming
 :meth:`~NativeRendezvousHandler.num_nodes_waiting` positive: torch's agent stops its
 workers, rejoins, gets the closed error and exits. A watchdog checks every second that
 etcd answers and says so on the console while it does not; the job's embedded etcd
-silent for :data:`EMBEDDED_LOST_AFTER` s is gone with its hosting agent: the handler
-fails at once (the agent stops its workers and exits) instead of retrying for minutes.
+silent for :data:`EMBEDDED_LOST_AFTER` s is gone with its hosting agent: every etcd call
+fails at once from then on (a rejoin: the agent exits; the exit barrier, close, leave:
+skipped) instead of retrying for minutes, while running workers may still finish.
 :meth:`~NativeRendezvousHandler.shutdown` bounds closing and leaving to a few seconds.
 
 What the agent gets from :meth:`NativeRendezvousHandler.next_rendezvous`, as from torch's
@@ -329,7 +330,9 @@ class NativeRendezvousHandler(RendezvousHandler):
     def num_nodes_waiting(self) -> int:
         """Nodes waiting for a round, plus members of the running round that are gone."""
         if self._etcd_lost is not None:
-            raise self._etcd_lost  # the agent stops its workers and exits (_run_watchdog)
+            # Nothing can be known any more; the workers may still finish their job (the
+            # exit barrier and shutdown then fail fast). If they fail, the rejoin raises.
+            return 0
         try:
             waiting = self._rdzv.num_nodes_waiting()
             if self._rdzv.is_closed():
@@ -537,9 +540,9 @@ def _run_watchdog(
     """Check every second that etcd answers; say so on the console while it does not.
 
     For the job's embedded etcd, :data:`EMBEDDED_LOST_AFTER` seconds of silence mean its
-    hosting agent is gone with the state: the handler fails (the agent stops its workers
-    and exits) instead of retrying for minutes. Any other etcd may come back: the agent
-    keeps waiting and keeps saying so.
+    hosting agent is gone with the state: every etcd call of the handler fails at once
+    from then on (a rejoin raises: the agent exits) instead of retrying for minutes. Any
+    other etcd may come back: the agent keeps waiting and keeps saying so.
     """
     down_since: float | None = None
     warned = 0.0
@@ -561,8 +564,9 @@ def _run_watchdog(
                             f"etcd-v3 rendezvous {run_id!r}: the job's embedded etcd at "
                             f"{endpoints} has not answered for {silent:.0f}s ({exc}): its "
                             "hosting agent is gone and the rendezvous state with it. This "
-                            "agent stops its workers and exits; run the job again (or on a "
-                            "real etcd cluster, --rdzv-endpoint, to survive a node's death)."
+                            "agent lets its workers finish but cannot rejoin: if they fail it "
+                            "exits. Run the job again (on a real etcd cluster, --rdzv-endpoint, "
+                            "to survive a node's death)."
                         )
                     )
                     return
