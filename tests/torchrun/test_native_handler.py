@@ -28,6 +28,7 @@ from torch.distributed.elastic.rendezvous import (
     rendezvous_handler_registry,
 )
 
+from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import Assignment, _probe
 from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun import _clients
@@ -344,3 +345,24 @@ def test_etcd_gone_is_said_on_the_console_and_shutdown_is_bounded(
     took = time.monotonic() - began
     assert took < 15, f"shutdown took {took:.1f}s with etcd gone (said so after {said:.1f}s)"
     assert "closing rendezvous" in caplog.text, caplog.text
+
+
+def test_closed_run_expires_after_ttl_and_reuse_starts_afresh(
+    make_handler: Callable[..., NativeRendezvousHandler],
+    etcd_server: EtcdServer,
+    key_prefix: str,
+) -> None:
+    """issue 13 item 3: the closer puts the run on a lease of ``ttl``; the id works again."""
+    rid = run_id()
+    a = make_handler(rid, 1, ttl="60")
+    in_threads([a.next_rendezvous])
+    a.shutdown()
+    with EtcdClient(etcd_server.endpoint) as client:
+        config = client.get(f"{key_prefix.rstrip('/')}/{rid}/ctl/config")
+        assert config is not None and config.lease, "the closed run's keys must be on a lease"
+        ttl = client.lease_time_to_live(config.lease).ttl
+    assert 0 < ttl <= 60, ttl
+    began = time.monotonic()
+    b = make_handler(rid, 1)  # same run id again: starts afresh
+    info = in_threads([b.next_rendezvous])[0]
+    assert info.world_size == 1, f"after {time.monotonic() - began:.1f}s"

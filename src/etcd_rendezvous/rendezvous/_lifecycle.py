@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Default seconds a closed run's keys outlive the close (torch's dynamic backend's ``ttl``).
 DEFAULT_CLOSED_TTL = 7200
+#: Keys moved per transaction (etcd's default limit is 128 operations per txn).
+_BATCH = 50
 
 
 def store_prefix(key_prefix: str, run_id: str) -> str:
@@ -115,17 +117,31 @@ def expire_run(
     Each key is rewritten with its own value by a txn guarded by its ``mod_revision``,
     so a key changed meanwhile (a new job on the id) keeps its new value and no lease.
     """
+    bare = [
+        kv
+        for prefix in (Keys(run_id, key_prefix).root, store_prefix(key_prefix, run_id))
+        for kv in client.get_prefix(prefix)
+        if not kv.lease  # node and leader keys go with their own leases
+    ]
+    if not bare:
+        return 0
     lease = client.lease_grant(ttl).id
     moved = 0
-    for prefix in (Keys(run_id, key_prefix).root, store_prefix(key_prefix, run_id)):
-        for kv in client.get_prefix(prefix):
-            if kv.lease:
-                continue  # a node or leader key: it goes with its own lease
-            response = client.txn(
+    for start in range(0, len(bare), _BATCH):
+        batch = bare[start : start + _BATCH]
+        response = client.txn(
+            [Compare.mod_revision(kv.key, "==", kv.mod_revision) for kv in batch],
+            [Op.put(kv.key, kv.value, lease=lease) for kv in batch],
+        )
+        if response.succeeded:
+            moved += len(batch)
+            continue
+        for kv in batch:  # some key changed meanwhile: one by one, the changed ones stay
+            one = client.txn(
                 [Compare.mod_revision(kv.key, "==", kv.mod_revision)],
                 [Op.put(kv.key, kv.value, lease=lease)],
             )
-            moved += int(response.succeeded)
+            moved += int(one.succeeded)
     return moved
 
 

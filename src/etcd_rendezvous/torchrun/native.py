@@ -388,12 +388,17 @@ class NativeRendezvousHandler(RendezvousHandler):
         return ok
 
     def _close_and_expire(self) -> None:
-        """Close the run; if this node closed it, put its keys on a lease of the closed TTL."""
+        """Close the run, then put its keys on a lease of the closed TTL.
+
+        Every node does it (the run may have been closed by ``rdzv close``, whose keys
+        nobody else would expire); keys already on a lease are skipped, so the first
+        node's lease is the one that counts.
+        """
         self._rdzv.close(timeout=SHUTDOWN_STEP_TIMEOUT)
         log.info("node %s closed rendezvous %s", self._rdzv.node_id, self._rdzv.run_id)
         client = self._store.client
         state = _lifecycle.read_run(client, self._rdzv.run_id, self._rdzv.keys.key_prefix)
-        if state.closed is not None and state.closed.by == self._rdzv.node_id:
+        if state.closed is not None:
             moved = _lifecycle.expire_run(
                 client, self._rdzv.run_id, self._closed_ttl, self._rdzv.keys.key_prefix
             )
