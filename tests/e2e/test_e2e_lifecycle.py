@@ -151,7 +151,7 @@ def test_only_the_hosting_agent_killed_the_job_finishes_and_exits_fast(
     log = survivor.log()
     assert code == 0 and survivor.results(), f"exit {code} {took:.1f}s after the finish:\n{log}"
     assert "does not answer" in log, f"{took:.1f}s after the finish:\n{log[-3000:]}"
-    assert took < 30, f"the survivor took {took:.1f}s to exit after its workers finished"
+    assert took < 40, f"the survivor took {took:.1f}s to exit after its workers finished"
 
 
 def test_run_id_used_again_starts_afresh(torchrun: Torchrun, one_etcd: EtcdServer) -> None:
