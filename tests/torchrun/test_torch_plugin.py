@@ -325,3 +325,17 @@ def test_tls_and_auth_etcd_on_a_local_address(
         finally:
             handler.shutdown()
         assert not _embedded._hosted
+
+
+def test_lock_directory_must_be_private(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(_embedded.LOCK_DIR_ENV, str(shared))
+    ep = Endpoint("http", "127.0.0.1", dead_port())
+    with pytest.raises(RendezvousConnectionError, match="only it can write"):
+        _embedded.ensure_local_etcd(ep, "r", timeout=1)
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv(_embedded.LOCK_DIR_ENV, str(fresh))
+    path = _embedded._lock_path(ep, "r")
+    assert os.path.dirname(path) == str(fresh) and fresh.stat().st_mode & 0o777 == 0o700

@@ -106,7 +106,7 @@ def etcd_answers(endpoint: Endpoint, timeout: float, **client_kwargs: Any) -> bo
         client.close()
 
 
-#: Directory of the election lock files (default: ``<temp dir>/etcd-rendezvous-<uid>``,
+#: Directory of the election lock files (default: ``<temp dir>/etcd-rendezvous-locks-<uid>``,
 #: created 0700). The files are left in place: unlinking a lock file others may be
 #: opening would let two agents win.
 LOCK_DIR_ENV = "ETCD_RENDEZVOUS_LOCK_DIR"
@@ -119,7 +119,7 @@ def _private_dir() -> str:
     """The per-user directory of lock files: created 0700, refused if others can write it."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     directory = os.environ.get(LOCK_DIR_ENV) or os.path.join(
-        tempfile.gettempdir(), f"etcd-rendezvous-{uid}"
+        tempfile.gettempdir(), f"etcd-rendezvous-locks-{uid}"
     )
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o700)
