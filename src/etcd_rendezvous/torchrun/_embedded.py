@@ -184,6 +184,25 @@ def is_hosting(endpoint: Endpoint) -> bool:
         return any(key[1:] == (endpoint.host, endpoint.port) for key in _hosted)
 
 
+def host_alive(endpoint: Endpoint, run_id: str) -> bool:
+    """Whether a process (this one included) holds the job's election lock at ``endpoint``.
+
+    The kernel releases the lock when its holder dies, even by SIGKILL: a free lock means
+    the agent that hosted the job's etcd is gone, and its etcd with it.
+    """
+    with _hosted_lock:
+        if (run_id, endpoint.host, endpoint.port) in _hosted:
+            return True
+        try:
+            fd = _try_lock(_lock_path(endpoint, run_id))
+        except (OSError, RendezvousConnectionError):
+            return True  # no verdict
+        if fd is None:
+            return True
+        _unlock(fd)
+        return False
+
+
 def ensure_local_etcd(endpoint: Endpoint, run_id: str, timeout: float) -> bool:
     """Make sure the job's own etcd answers at ``endpoint``; True if this process hosts it.
 
@@ -295,6 +314,7 @@ __all__ = [
     "bind_address",
     "ensure_local_etcd",
     "etcd_answers",
+    "host_alive",
     "is_hosting",
     "is_local_host",
     "stop_embedded",

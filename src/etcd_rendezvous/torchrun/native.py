@@ -33,7 +33,8 @@ afresh (one still holding leases after ``lease_ttl + 2`` s is an error naming
 :meth:`~NativeRendezvousHandler.num_nodes_waiting` positive: torch's agent stops its
 workers, rejoins, gets the closed error and exits. A watchdog checks every second that
 etcd answers and says so on the console while it does not; the job's embedded etcd
-silent for :data:`EMBEDDED_LOST_AFTER` s is gone with its hosting agent: every etcd call
+silent while its hosting agent's election lock is free (or for
+:data:`EMBEDDED_LOST_AFTER` s) is gone with that agent: every etcd call
 fails at once from then on (a rejoin: the agent exits; the exit barrier, close, leave:
 skipped) instead of retrying for minutes, while running workers may still finish.
 :meth:`~NativeRendezvousHandler.shutdown` bounds closing and leaving to a few seconds.
@@ -87,7 +88,7 @@ from torch.distributed.elastic.rendezvous.api import (
 from torch.distributed.elastic.utils.distributed import get_socket_with_port
 
 from etcd_rendezvous import rendezvous as engine
-from etcd_rendezvous.client import EtcdClient
+from etcd_rendezvous.client import Endpoint, EtcdClient
 from etcd_rendezvous.errors import EtcdClientError
 from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous, _lifecycle
 from etcd_rendezvous.torchrun import _clients, _embedded
@@ -223,7 +224,7 @@ class NativeRendezvousHandler(RendezvousHandler):
         on_shutdown: Callable[[], None] | None = None,
         closed_ttl: int = _lifecycle.DEFAULT_CLOSED_TTL,
         watchdog: EtcdClient | None = None,
-        embedded: bool = False,
+        embedded: Endpoint | None = None,
     ) -> None:
         self._rdzv = rdzv
         self._closed_ttl = closed_ttl
@@ -544,10 +545,12 @@ def _run_watchdog(
 ) -> None:
     """Check every second that etcd answers; say so on the console while it does not.
 
-    For the job's embedded etcd, :data:`EMBEDDED_LOST_AFTER` seconds of silence mean its
-    hosting agent is gone with the state: every etcd call of the handler fails at once
-    from then on (a rejoin raises: the agent exits) instead of retrying for minutes. Any
-    other etcd may come back: the agent keeps waiting and keeps saying so.
+    For the job's embedded etcd, silence while its election lock is free (the hosting
+    agent's process is gone: the kernel released its ``flock``), or for
+    :data:`EMBEDDED_LOST_AFTER` seconds, means the state is gone: every etcd call of the
+    handler fails at once from then on (a rejoin raises: the agent exits) instead of
+    retrying for minutes. Any other etcd may come back: the agent keeps waiting and keeps
+    saying so.
     """
     down_since: float | None = None
     warned = 0.0
@@ -563,15 +566,18 @@ def _run_watchdog(
                 down_since = now if down_since is None else down_since
                 silent = now - down_since
                 run_id, endpoints = handler._rdzv.run_id, ",".join(client.endpoints)
-                if handler._embedded and silent >= EMBEDDED_LOST_AFTER:
+                embedded = handler._embedded
+                if embedded is not None and (
+                    silent >= EMBEDDED_LOST_AFTER or not _embedded.host_alive(embedded, run_id)
+                ):
                     handler._on_etcd_lost(
                         RendezvousConnectionError(
                             f"etcd-v3 rendezvous {run_id!r}: the job's embedded etcd at "
                             f"{endpoints} has not answered for {silent:.0f}s ({exc}): its "
-                            "hosting agent is gone and the rendezvous state with it. This "
-                            "agent lets its workers finish but cannot rejoin: if they fail it "
-                            "exits. Run the job again (on a real etcd cluster, --rdzv-endpoint, "
-                            "to survive a node's death)."
+                            "hosting agent (or that etcd) is gone, and the rendezvous "
+                            "state with it. This agent lets its workers finish but cannot "
+                            "rejoin: if they fail it exits. Run the job again (on a real "
+                            "etcd cluster, --rdzv-endpoint, to survive a node's death)."
                         )
                     )
                     return
@@ -714,7 +720,11 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
     except (engine.RendezvousError, EtcdClientError) as exc:
         _clients.release(client)
         raise _torch_error(exc, params.run_id) from exc
-    embedded = opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host)
+    embedded = (
+        opts.endpoints[0]
+        if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host)
+        else None
+    )
     store = EtcdStore(
         client,
         store_prefix(key_prefix, params.run_id),
