@@ -27,8 +27,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from e2e.harness import Node, Torchrun, tagged_pids
+from e2e.harness import Node, Torchrun, port_is_free, tagged_pids
 from etcd_rendezvous.server import EtcdCluster, EtcdServer
+from etcd_rendezvous.torchrun._options import embedded_port
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -277,12 +278,9 @@ def test_restarted_node_rejoins(
 
 
 def test_embedded_default_two_nodes_no_endpoint(torchrun: Torchrun, run_id: str) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", 2379))
-        except OSError:
-            pytest.skip("port 2379 is in use on this machine")
+    # No --rdzv-endpoint: the job's own etcd on the port derived from the run id.
+    if not port_is_free(embedded_port(run_id)):
+        pytest.skip("the run id's embedded port is in use on this machine")
     for _ in range(2):
         start(torchrun, None, run_id, "2", None)
     assert_world(results_of(torchrun, [0, 1]), 2)

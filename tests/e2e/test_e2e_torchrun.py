@@ -22,8 +22,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from e2e.harness import Node, Torchrun
+from e2e.harness import Node, Torchrun, port_is_free
 from etcd_rendezvous.server import EtcdCluster, EtcdServer
+from etcd_rendezvous.torchrun._options import embedded_port
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -134,15 +135,9 @@ def test_elastic_up_late_node_joins(
 def test_embedded_default_two_nodes_no_endpoint(
     torchrun: Torchrun, run_id: str, backend: Backend
 ) -> None:
-    # No --rdzv-endpoint: 127.0.0.1:2379. If an etcd already answers there (not ours)
-    # the nodes use it under their run id, which is fine too; if something else holds
-    # the port the test cannot run.
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", 2379))
-        except OSError:
-            pytest.skip("port 2379 is in use on this machine")
+    # No --rdzv-endpoint: the job's own etcd on the port derived from the run id.
+    if not port_is_free(embedded_port(run_id)):
+        pytest.skip("the run id's embedded port is in use on this machine")
     for _ in range(2):
         start(torchrun, backend, None, run_id, "2")
     results = torchrun.finished_results([0, 1], timeout=120)

@@ -7,6 +7,7 @@ closing, shutdown, fail-fast options. Runs on every installed etcd binary.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from torch.distributed.elastic.rendezvous import (
     rendezvous_handler_registry,
 )
 
+from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.rendezvous import Assignment, _probe
 from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun import _clients
@@ -202,8 +204,13 @@ def test_set_closed_is_closed_and_next_rendezvous_fails(
     wait_until(b.is_closed, 10, "the close to reach the other node")
     with pytest.raises(RendezvousClosedError):
         b.next_rendezvous()
-    # A node created after the close sees it at once.
-    assert make_handler(rid, 2).is_closed()
+    # A node created after the close, while the closed run's nodes live, is refused
+    # (after waiting lease_ttl + 2 s for them to go) with the command that fixes it.
+    began = time.monotonic()
+    with pytest.raises(RendezvousClosedError, match=f"rdzv delete {rid}") as info:
+        make_handler(rid, 2, lease_ttl="1")
+    took = time.monotonic() - began
+    assert "nodes still hold leases" in str(info.value), f"{info.value} after {took:.1f}s"
 
 
 def test_shutdown_closes_for_everyone_and_is_idempotent(
@@ -303,3 +310,61 @@ def test_rank0_without_bootstrap_port_is_a_clear_state_error() -> None:
     )
     with pytest.raises(RendezvousStateError, match=r"'n0' \(rank 0 of round 3\).*port"):
         bootstrap_info(assignment, "run")
+
+
+# --- issue 13 item 2: etcd gone -----------------------------------------------------------
+
+
+def test_etcd_gone_is_said_on_the_console_and_shutdown_is_bounded(
+    etcd_binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog warns within seconds; shutdown (close, leave) costs seconds, not 60."""
+    server = EtcdServer(binary=etcd_binary)
+    server.start()
+    try:
+        params = RendezvousParameters(
+            BACKEND,
+            server.endpoint,
+            run_id(),
+            1,
+            1,
+            local_addr="127.0.0.1",
+            last_call_timeout="1",
+            join_timeout="30",
+        )
+        handler = create_native_handler(params)
+        in_threads([handler.next_rendezvous])
+    finally:
+        server.stop()
+    caplog.set_level(logging.WARNING, logger="torch.distributed.elastic.rendezvous.etcd_v3")
+    stopped = time.monotonic()
+    wait_until(
+        lambda: "does not answer" in caplog.text, 10, "the watchdog to say etcd does not answer"
+    )
+    said = time.monotonic() - stopped
+    began = time.monotonic()
+    assert handler.shutdown() is False
+    took = time.monotonic() - began
+    assert took < 15, f"shutdown took {took:.1f}s with etcd gone (said so after {said:.1f}s)"
+    assert "closing rendezvous" in caplog.text, caplog.text
+
+
+def test_closed_run_expires_after_ttl_and_reuse_starts_afresh(
+    make_handler: Callable[..., NativeRendezvousHandler],
+    etcd_server: EtcdServer,
+    key_prefix: str,
+) -> None:
+    """issue 13 item 3: the closer puts the run on a lease of ``ttl``; the id works again."""
+    rid = run_id()
+    a = make_handler(rid, 1, ttl="60")
+    in_threads([a.next_rendezvous])
+    a.shutdown()
+    with EtcdClient(etcd_server.endpoint) as client:
+        config = client.get(f"{key_prefix.rstrip('/')}/{rid}/ctl/config")
+        assert config is not None and config.lease, "the closed run's keys must be on a lease"
+        ttl = client.lease_time_to_live(config.lease).ttl
+    assert 0 < ttl <= 60, ttl
+    began = time.monotonic()
+    b = make_handler(rid, 1)  # same run id again: starts afresh
+    info = in_threads([b.next_rendezvous])[0]
+    assert info.world_size == 1, f"after {time.monotonic() - began:.1f}s"

@@ -32,7 +32,7 @@ def params(endpoint: str = "127.0.0.1:2379", **config: Any) -> RendezvousParamet
 def test_defaults() -> None:
     opts = parse_options(params())
     assert [ep.url for ep in opts.endpoints] == ["http://127.0.0.1:2379"]
-    assert opts.may_embed
+    assert not opts.may_embed  # an explicit endpoint is used as given
     assert opts.read_timeout == 60
     assert opts.request_timeout == 10.0
     assert opts.key_prefix == "/torch/elastic/rendezvous"
@@ -127,18 +127,35 @@ def test_endpoint_list_and_ipv6() -> None:
     assert not opts.may_embed
 
 
-def test_single_endpoint_may_embed_and_default_port() -> None:
+def test_single_endpoint_embeds_only_when_asked_and_default_port() -> None:
     opts = parse_options(params("myhost"))
     assert opts.endpoints[0].url == "http://myhost:2379"
-    assert opts.may_embed
+    assert not opts.may_embed
+    assert parse_options(params("myhost", embedded="true")).may_embed
     assert not parse_options(params("myhost", embedded="false")).may_embed
+    assert not parse_options(params("a:1,b:2", embedded="true")).may_embed
 
 
-def test_no_endpoint_means_local_default() -> None:
+def test_no_endpoint_means_the_jobs_own_embedded_etcd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ETCD_ENDPOINTS", raising=False)
     for endpoint in ("", "  "):
         opts = parse_options(params(endpoint))
-        assert opts.endpoints[0].url == "http://127.0.0.1:2379"
+        assert opts.endpoints[0].url == f"http://127.0.0.1:{embedded_port('run')}"
         assert opts.may_embed
+    assert not parse_options(params("", embedded="false")).may_embed
+
+
+def test_no_endpoint_takes_etcd_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETCD_ENDPOINTS", "10.0.0.1:2379,10.0.0.2")
+    opts = parse_options(params(""))
+    assert opts.endpoint_list() == "http://10.0.0.1:2379,http://10.0.0.2:2379"
+    assert not opts.may_embed
+    # localhost:0 still asks for the embedded etcd; an explicit endpoint wins.
+    assert parse_options(params("localhost:0")).may_embed
+    assert parse_options(params("h:1")).endpoint_list() == "http://h:1"
+    monkeypatch.setenv("ETCD_ENDPOINTS", "h:notaport")
+    with pytest.raises(ValueError, match=r"\$ETCD_ENDPOINTS 'h:notaport'"):
+        parse_options(params(""))
 
 
 def test_port_zero_derives_a_stable_port_from_the_run_id() -> None:

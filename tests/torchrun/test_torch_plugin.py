@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,8 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 
 from etcd_rendezvous.client import Endpoint, EtcdClient
-from etcd_rendezvous.server import EtcdServer
+from etcd_rendezvous.pytest_plugin import TLSFiles
+from etcd_rendezvous.server import EtcdServer, TLSConfig
 from etcd_rendezvous.torchrun import _embedded, get_handler_creator
 from etcd_rendezvous.torchrun._options import embedded_port
 from etcd_rendezvous.torchrun.plugin import create_rdzv_handler
@@ -200,3 +202,140 @@ def test_embedded_race_exactly_one_wins() -> None:
         assert len(_embedded._hosted) == 1
     finally:
         _embedded.stop_embedded()
+
+
+# --- issue 13: one embedded etcd per job, explicit endpoints used as given, TLS -----------
+
+
+def test_embedded_etcd_is_per_job() -> None:
+    """Two run ids on the same address elect separate hosts: neither uses the other's etcd."""
+    a, b = _run_id_with_free_embedded_port(), _run_id_with_free_embedded_port()
+    port = dead_port()
+    ep = Endpoint("http", "127.0.0.1", port)
+    try:
+        assert _embedded.ensure_local_etcd(ep, a, timeout=30) is True
+        began = time.monotonic()
+        # Job b on the same port: it neither connects to a's etcd nor can host its own.
+        with pytest.raises(RendezvousConnectionError, match="an etcd this job did not start"):
+            _embedded.ensure_local_etcd(ep, b, timeout=30)
+        took = time.monotonic() - began
+        assert _embedded.is_hosting(ep), f"a's etcd must survive b's attempt ({took:.1f}s)"
+    finally:
+        _embedded.stop_embedded()
+
+
+def test_foreign_etcd_on_the_derived_port_is_not_used() -> None:
+    """An etcd that another user (or job) serves on the job's port is refused, not used."""
+    run_id = _run_id_with_free_embedded_port()
+    port = embedded_port(run_id)
+    with EtcdServer(port=port, name="someone-else"):
+        began = time.monotonic()
+        with pytest.raises(RendezvousConnectionError, match="did not start") as info:
+            create_rdzv_handler(make_params("", run_id, 1))
+        took = time.monotonic() - began
+        assert "someone-else" in str(info.value), f"{info.value} ({took:.1f}s)"
+        assert not _embedded.is_hosting(Endpoint("http", "127.0.0.1", port))
+
+
+def test_waiting_agent_refuses_an_etcd_without_the_hosts_token(tmp_path: Any) -> None:
+    """A non-host agent uses the etcd only if its member name carries the lock file's token."""
+    run_id = _run_id_with_free_embedded_port()
+    ep = Endpoint("http", "127.0.0.1", embedded_port(run_id))
+    path = _embedded._lock_path(ep, run_id)
+    fd = _embedded._try_lock(path)  # "another agent" holds the lock and wrote its token
+    assert fd is not None
+    try:
+        os.pwrite(fd, b"f00d", 0)
+        with (
+            EtcdServer(port=ep.port, name="rdzv-beef"),
+            pytest.raises(RendezvousConnectionError, match="is not the one"),
+        ):
+            _embedded.ensure_local_etcd(ep, run_id, timeout=1.0)
+        with EtcdServer(port=ep.port, name="rdzv-f00d"):
+            assert _embedded.ensure_local_etcd(ep, run_id, timeout=10) is False
+    finally:
+        _embedded._unlock(fd)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+    assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
+
+
+def test_explicit_local_endpoint_is_never_replaced() -> None:
+    """A typo'd port on a local address fails clearly instead of embedding an etcd."""
+    port = dead_port()
+    began = time.monotonic()
+    with pytest.raises(RendezvousConnectionError, match="never replaced") as info:
+        create_rdzv_handler(make_params(f"127.0.0.1:{port}", "typo", 1))
+    took = time.monotonic() - began
+    assert f"127.0.0.1:{port}" in str(info.value), f"{info.value} ({took:.1f}s)"
+    assert not _embedded.is_hosting(Endpoint("http", "127.0.0.1", port))
+    assert port_is_free(port)
+
+
+def test_embedded_true_hosts_at_an_explicit_local_endpoint() -> None:
+    port = dead_port()
+    run_id = f"asked-{uuid.uuid4().hex[:8]}"
+    try:
+        handler = create_rdzv_handler(make_params(f"127.0.0.1:{port}", run_id, 1, embedded="true"))
+        assert _embedded.is_hosting(Endpoint("http", "127.0.0.1", port))
+        handler.shutdown()
+    finally:
+        _embedded.stop_embedded()
+
+
+def test_etcd_endpoints_is_the_default_endpoint(
+    etcd_server: EtcdServer, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
+    handler = create_rdzv_handler(make_params("", "from-env", 1, key_prefix=key_prefix))
+    try:
+        assert not _embedded._hosted, "ETCD_ENDPOINTS given: nothing may be embedded"
+        assert rendezvous_in_threads([handler])[0].world_size == 1
+    finally:
+        handler.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["etcd-v3", "etcd-v3-dynamic"])
+def test_tls_and_auth_etcd_on_a_local_address(
+    etcd_binary: str, etcd_tls_files: TLSFiles, backend: str
+) -> None:
+    """issue 13 item 4: a TLS etcd with auth on 127.0.0.1 works without embedded=false."""
+    tls = TLSConfig(etcd_tls_files.server_cert, etcd_tls_files.server_key, etcd_tls_files.ca)
+    with EtcdServer(binary=etcd_binary, tls=tls, root_password="s3cret") as server:
+        conf = {
+            "ca_cert": etcd_tls_files.ca,
+            "ssl_cert": etcd_tls_files.client_cert,
+            "ssl_cert_key": etcd_tls_files.client_key,
+            "username": "root",
+            "password": "s3cret",
+            "last_call_timeout": "1",
+            "join_timeout": "30",
+        }
+        params = RendezvousParameters(
+            backend, f"https://127.0.0.1:{server.port}", "tls", 1, 1, **conf
+        )
+        began = time.monotonic()
+        handler = get_handler_creator()(params) if backend == "etcd-v3-dynamic" else None
+        if handler is None:
+            from etcd_rendezvous.torchrun.native import create_native_handler
+
+            handler = create_native_handler(params)
+        try:
+            info = rendezvous_in_threads([handler])[0]
+            assert info.world_size == 1, f"after {time.monotonic() - began:.1f}s"
+        finally:
+            handler.shutdown()
+        assert not _embedded._hosted
+
+
+def test_lock_directory_must_be_private(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(_embedded.LOCK_DIR_ENV, str(shared))
+    ep = Endpoint("http", "127.0.0.1", dead_port())
+    with pytest.raises(RendezvousConnectionError, match="only it can write"):
+        _embedded.ensure_local_etcd(ep, "r", timeout=1)
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv(_embedded.LOCK_DIR_ENV, str(fresh))
+    path = _embedded._lock_path(ep, "r")
+    assert os.path.dirname(path) == str(fresh) and fresh.stat().st_mode & 0o777 == 0o700

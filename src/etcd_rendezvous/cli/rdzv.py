@@ -1,4 +1,4 @@
-"""``etcd-rendezvous rdzv``: inspect the native rendezvous (list, show, watch, close)."""
+"""``etcd-rendezvous rdzv``: inspect the native rendezvous (list, show, watch, close, delete)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from etcd_rendezvous.cli._output import echo_table
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdRendezvousError
 from etcd_rendezvous.rendezvous import DEFAULT_KEY_PREFIX, Closed, check_run_id, close_run
+from etcd_rendezvous.rendezvous._lifecycle import RunInUseError, delete_run, read_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -435,7 +436,10 @@ def close_command(
     if closed.already:
         click.echo(f"rendezvous {run_id} was already closed by {closed.by} at {closed.time or '?'}")
         return
-    click.echo(f"closed rendezvous {run_id}: every node's join now fails (RendezvousClosedError)")
+    click.echo(
+        f"closed rendezvous {run_id}: its torchrun agents (etcd-v3) stop their workers and "
+        "exit, every later join fails (RendezvousClosedError)"
+    )
 
 
 def close_rendezvous(client: EtcdClient, run_id: str, key_prefix: str) -> Closed:
@@ -443,4 +447,96 @@ def close_rendezvous(client: EtcdClient, run_id: str, key_prefix: str) -> Closed
     return close_run(client, run_id, key_prefix=key_prefix, by=cli_node_id())
 
 
-__all__ = ["close_rendezvous", "format_event", "rdzv"]
+# --- delete ---------------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``7d`` (or bare seconds) -> seconds."""
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _DURATION_UNITS else "s"
+    number = raw[:-1] if raw[-1:] in _DURATION_UNITS else raw
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise click.BadParameter(
+            f"{text!r}: expected a duration such as 90s, 30m, 2h or 7d",
+            param_hint="--older-than",
+        )
+    return value * _DURATION_UNITS[unit]
+
+
+def _closed_age(iso: str) -> float | None:
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - then).total_seconds()
+
+
+@rdzv.command("delete")
+@click.argument("run_id", required=False)
+@connection_options
+@click.option(
+    "--older-than",
+    default=None,
+    metavar="DURATION",
+    help="Instead of RUN_ID: delete every run closed longer ago than this (90s, 30m, 2h, 7d).",
+)
+@click.option("--force", is_flag=True, help="Delete RUN_ID even while nodes of it are alive.")
+def delete_command(
+    run_id: str | None,
+    endpoints: str,
+    key_prefix: str,
+    timeout: float,
+    ca_cert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    older_than: str | None,
+    force: bool,
+) -> None:
+    """Delete a run's keys (its rendezvous state and its torchrun store).
+
+    A closed run expires by itself ``ttl`` seconds after its close (default 2 h); this
+    removes it now, e.g. to run a job again on its id while its last nodes' leases live.
+    """
+    if (run_id is None) == (older_than is None):
+        raise click.UsageError("give RUN_ID or --older-than DURATION (not both)")
+    with _errors(), _client(endpoints, timeout, ca_cert, cert, key, user) as client:
+        if run_id is not None:
+            run_id = _run_id(run_id)
+            if read_run(client, run_id, key_prefix).count == 0:
+                raise click.ClickException(
+                    f"no rendezvous {run_id!r} under {key_prefix!r} (see: etcd-rendezvous "
+                    "rdzv list)"
+                )
+            deleted = delete_run(client, run_id, key_prefix, force=force)
+            click.echo(f"deleted rendezvous {run_id} ({deleted} keys)")
+            return
+        limit = parse_duration(older_than or "")
+        kept = 0
+        gone = []
+        for run in list_runs(client, key_prefix).runs:
+            age = _closed_age(run.closed.time) if run.closed is not None else None
+            if age is None or age < limit:
+                kept += 1
+                continue
+            try:
+                delete_run(client, run.run_id, key_prefix)
+            except RunInUseError as exc:
+                click.echo(f"warning: kept {run.run_id}: {exc}", err=True)
+                kept += 1
+                continue
+            gone.append(run.run_id)
+    for name in gone:
+        click.echo(f"deleted rendezvous {name}")
+    click.echo(f"deleted {len(gone)} runs closed more than {older_than} ago; kept {kept}")
+
+
+__all__ = ["close_rendezvous", "delete_command", "format_event", "parse_duration", "rdzv"]

@@ -1,12 +1,18 @@
 """The embedded default: one agent on this machine hosts etcd for the job.
 
-When ``--rdzv-endpoint`` is left out, is ``localhost:0``, or names this machine
-and no etcd answers there, the agents on this machine elect one of them with an
-exclusive ``flock`` on a lock file named after the address (the kernel releases
-it when its holder dies, even by SIGKILL). The winner starts an
-:class:`~etcd_rendezvous.server.EtcdServer` on that address; the others wait
-until it answers and connect. The sidecar lives as long as the winning agent's
-process (``EtcdServer`` stops it at exit and etcd dies with its parent).
+When ``--rdzv-endpoint`` is left out (and ``ETCD_ENDPOINTS`` is unset), is
+``localhost:0`` (both mean: on the port derived from the run id), or
+``--rdzv-conf=embedded=true`` is given, the agents of the job on this machine elect
+one of them with an exclusive ``flock`` on a lock file named after the user, the run
+id and the address (the kernel releases it when its holder dies, even by SIGKILL).
+Each job gets its own sidecar: a job never uses, nor ends, another job's etcd.
+
+The winner writes a random token into the lock file (0600, in a 0700 per-user
+directory) and starts an :class:`~etcd_rendezvous.server.EtcdServer` named
+``rdzv-<token>`` on that address; the others wait until an etcd with that name
+answers, so an etcd that another user (or job) serves on the port is never used. The
+sidecar lives as long as the winning agent's process (``EtcdServer`` stops it at exit
+and etcd dies with its parent).
 
 Like torch's ``c10d`` backend, which hosts its ``TCPStore`` in one agent, this
 makes the hosting agent a single point of failure: if it dies, the job's
@@ -18,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import logging
 import os
 import re
+import secrets
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -51,7 +60,7 @@ class _Hosted:
     lock_fd: int
 
 
-_hosted: dict[tuple[str, int], _Hosted] = {}
+_hosted: dict[tuple[str, str, int], _Hosted] = {}  # (run id, host, port)
 _hosted_lock = threading.Lock()
 
 
@@ -97,21 +106,43 @@ def etcd_answers(endpoint: Endpoint, timeout: float, **client_kwargs: Any) -> bo
         client.close()
 
 
-#: Directory of the election lock files (default: the system temp dir). The files
-#: are empty and left in place: unlinking a lock file others may be opening would let
-#: two agents win.
+#: Directory of the election lock files (default: ``<temp dir>/etcd-rendezvous-locks-<uid>``,
+#: created 0700). The files are left in place: unlinking a lock file others may be
+#: opening would let two agents win.
 LOCK_DIR_ENV = "ETCD_RENDEZVOUS_LOCK_DIR"
 
+#: The member-name prefix of an embedded etcd; the rest is the hosting agent's token.
+_NAME_PREFIX = "rdzv-"
 
-def _lock_path(endpoint: Endpoint) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", endpoint.host)
+
+def _private_dir() -> str:
+    """The per-user directory of lock files: created 0700, refused if others can write it."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    directory = os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir()
-    return os.path.join(directory, f"etcd-rendezvous-{uid}-{safe}-{endpoint.port}.lock")
+    directory = os.environ.get(LOCK_DIR_ENV) or os.path.join(
+        tempfile.gettempdir(), f"etcd-rendezvous-locks-{uid}"
+    )
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+        raise RendezvousConnectionError(
+            f"the embedded etcd's lock directory {directory} is not a directory of this "
+            f"user (uid {uid}) that only it can write: remove it, or set {LOCK_DIR_ENV} to a "
+            "private directory"
+        )
+    return directory
+
+
+def _lock_path(endpoint: Endpoint, run_id: str) -> str:
+    """One lock file per user, run id and address: each job elects its own host."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", endpoint.host)
+    run = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:40]
+    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(_private_dir(), f"{run}-{digest}-{safe}-{endpoint.port}.lock")
 
 
 def _try_lock(path: str) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -126,27 +157,71 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
+def _read_token(path: str) -> str:
+    """The token the agent holding ``path`` wrote (empty while none is written)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _served_by(endpoint: Endpoint, timeout: float) -> str | None:
+    """The member name of the etcd answering at ``endpoint`` (None: nothing answers)."""
+    client = EtcdClient([endpoint.url], timeout=timeout, connect_timeout=timeout)
+    try:
+        members = client.members()
+    except EtcdClientError:
+        return None
+    finally:
+        client.close()
+    return ",".join(sorted(member.name for member in members))
+
+
 def is_hosting(endpoint: Endpoint) -> bool:
-    """Whether this process hosts the embedded etcd at ``endpoint``."""
+    """Whether this process hosts an embedded etcd at ``endpoint``."""
     with _hosted_lock:
-        return (endpoint.host, endpoint.port) in _hosted
+        return any(key[1:] == (endpoint.host, endpoint.port) for key in _hosted)
+
+
+def host_alive(endpoint: Endpoint, run_id: str) -> bool:
+    """Whether a process (this one included) holds the job's election lock at ``endpoint``.
+
+    The kernel releases the lock when its holder dies, even by SIGKILL: a free lock means
+    the agent that hosted the job's etcd is gone, and its etcd with it.
+    """
+    with _hosted_lock:
+        if (run_id, endpoint.host, endpoint.port) in _hosted:
+            return True
+        try:
+            fd = _try_lock(_lock_path(endpoint, run_id))
+        except (OSError, RendezvousConnectionError):
+            return True  # no verdict
+        if fd is None:
+            return True
+        _unlock(fd)
+        return False
 
 
 def ensure_local_etcd(endpoint: Endpoint, run_id: str, timeout: float) -> bool:
-    """Make sure an etcd answers at ``endpoint`` on this machine; True if we host it.
+    """Make sure the job's own etcd answers at ``endpoint``; True if this process hosts it.
 
-    Exactly one process per address wins the lock file and starts etcd; the
-    others wait (at most ``timeout`` seconds) until it answers. If the host
-    dies before its etcd answers, a waiting process takes over.
+    One process per user, run id and address wins the lock file, writes a random
+    token into it (the file is 0600 in a 0700 directory: only this user's agents can
+    read it) and starts etcd with the member name ``rdzv-<token>``. The others wait (at
+    most ``timeout`` seconds) until an etcd answers there *with that name*: an etcd of
+    another job or another user on the same port is never used. If the host dies
+    before its etcd answers, a waiting process takes over.
     """
     if endpoint.scheme != "http":
         raise RendezvousConnectionError(
-            f"no etcd answers at {endpoint.url} and the embedded etcd only serves plain "
-            "http: start etcd yourself for TLS, or use protocol=http"
+            f"the embedded etcd only serves plain http, not {endpoint.url}: start etcd "
+            "yourself for TLS and pass it with --rdzv-endpoint, or use protocol=http"
         )
-    key = (endpoint.host, endpoint.port)
+    key = (run_id, endpoint.host, endpoint.port)
     deadline = time.monotonic() + timeout
-    path = _lock_path(endpoint)
+    path = _lock_path(endpoint, run_id)
+    foreign: str | None = None
     while True:
         with _hosted_lock:
             if key in _hosted:
@@ -158,9 +233,19 @@ def ensure_local_etcd(endpoint: Endpoint, run_id: str, timeout: float) -> bool:
                 except BaseException:
                     _unlock(fd)
                     raise
-        if etcd_answers(endpoint, timeout=0.5):
+        token = _read_token(path)
+        served = _served_by(endpoint, timeout=0.5)
+        if token and served == _NAME_PREFIX + token:
             return False
+        foreign = served if served is not None and token else foreign
         if time.monotonic() >= deadline:
+            if foreign is not None:
+                raise RendezvousConnectionError(
+                    f"run {run_id!r}: the etcd at {endpoint.url} (member {foreign!r}) is not "
+                    "the one this job's hosting agent started (another job or user holds "
+                    "the port): pass --rdzv-endpoint=localhost:0 with another --rdzv-id, "
+                    "or a free port with --rdzv-conf=embedded=true"
+                )
             raise RendezvousConnectionError(
                 f"no etcd answers at {endpoint.url} after {timeout:.0f}s, and the agent on this "
                 f"machine that holds {path} (hosting the embedded etcd) did not start one"
@@ -168,16 +253,30 @@ def ensure_local_etcd(endpoint: Endpoint, run_id: str, timeout: float) -> bool:
         time.sleep(_POLL_INTERVAL)
 
 
+#: How long a new host waits for an etcd still answering on its port to go away (the
+#: sidecar of the previous holder of the lock, stopping).
+_PREVIOUS_GONE_TIMEOUT = 5.0
+
+
 def _host(endpoint: Endpoint, fd: int, run_id: str, deadline: float) -> bool:
-    """Called with the lock held: start the sidecar (unless an etcd appeared meanwhile)."""
-    if etcd_answers(endpoint, timeout=0.5):
-        # An etcd not started through this lock (the user's, or one still shutting down).
-        _unlock(fd)
-        return False
+    """Called with the lock held: write a fresh token and start the job's sidecar."""
+    token = secrets.token_hex(16)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, token.encode("ascii"), 0)
+    gone_by = time.monotonic() + _PREVIOUS_GONE_TIMEOUT
+    while (served := _served_by(endpoint, timeout=0.5)) is not None:
+        if time.monotonic() >= gone_by:
+            raise RendezvousConnectionError(
+                f"run {run_id!r}: cannot host the job's etcd at {endpoint.url}: an etcd this "
+                f"job did not start answers there (member {served!r}). Pass "
+                "--rdzv-endpoint=localhost:0 with another --rdzv-id, or a free port with "
+                "--rdzv-conf=embedded=true"
+            )
+        time.sleep(_POLL_INTERVAL)
     server = EtcdServer(
         host=bind_address(endpoint.host),
         port=endpoint.port,
-        name=f"rdzv-{endpoint.port}",
+        name=_NAME_PREFIX + token,
     )
     try:
         server.start(timeout=max(deadline - time.monotonic(), 5.0), num_retries=1)
@@ -189,13 +288,14 @@ def _host(endpoint: Endpoint, fd: int, run_id: str, deadline: float) -> bool:
         ) from exc
     except EtcdServerError as exc:
         raise RendezvousConnectionError(
-            f"no etcd answers at {endpoint.url} and hosting one there failed: {exc}"
+            f"run {run_id!r}: no etcd answers at {endpoint.url} and hosting one there failed: {exc}"
         ) from exc
-    _hosted[(endpoint.host, endpoint.port)] = _Hosted(server, fd)
+    _hosted[(run_id, endpoint.host, endpoint.port)] = _Hosted(server, fd)
     _agent_log.warning(
-        "Run %r: this agent (pid %d) hosts the job's etcd at %s (etcd %s). It is a single "
-        "point of failure, as the c10d backend's TCPStore host: if this agent dies the "
-        "rendezvous is lost. Pass --rdzv-endpoint of a real etcd cluster to remove it.",
+        "Run %r: this agent (pid %d) hosts the job's etcd at %s (etcd %s), for this run "
+        "only. It is a single point of failure, as the c10d backend's TCPStore host: if "
+        "this agent dies the rendezvous is lost. Pass --rdzv-endpoint of a real etcd "
+        "cluster to remove it.",
         run_id,
         os.getpid(),
         endpoint.url,
@@ -220,6 +320,7 @@ __all__ = [
     "bind_address",
     "ensure_local_etcd",
     "etcd_answers",
+    "host_alive",
     "is_hosting",
     "is_local_host",
     "stop_embedded",

@@ -78,8 +78,9 @@ class EtcdV3Options:
     """The checked configuration of one ``etcd-v3`` rendezvous handler."""
 
     endpoints: list[Endpoint]
-    #: The endpoint was left out, was ``localhost:0``, or is a single local one:
-    #: if no etcd answers there, this agent may host one (see ``_embedded``).
+    #: The endpoint was left out (and ``ETCD_ENDPOINTS`` is unset), was ``localhost:0``,
+    #: or ``embedded=true`` was given: the agents on this machine host the job's etcd at
+    #: ``endpoints[0]`` (see ``_embedded``). An explicit endpoint is used as given.
     may_embed: bool
     read_timeout: int
     protocol: str
@@ -194,8 +195,9 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
         raise OptionError("--rdzv-conf: give heartbeat or heartbeat_timeout, not both")
 
     endpoints, may_embed = _parse_endpoint(params.endpoint, params.run_id, protocol)
-    if embedded is False:
-        may_embed = False
+    if embedded is not None:
+        # An explicit endpoint is never replaced by an embedded etcd unless asked for.
+        may_embed = embedded and len(endpoints) == 1
 
     return EtcdV3Options(
         endpoints=endpoints,
@@ -218,12 +220,26 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
     )
 
 
+#: Where an omitted ``--rdzv-endpoint`` is taken from (as the CLI's ``--endpoints``).
+ENDPOINTS_ENV = "ETCD_ENDPOINTS"
+
+
 def _parse_endpoint(
     endpoint: str | None, run_id: str, protocol: str
 ) -> tuple[list[Endpoint], bool]:
     text = (endpoint or "").strip()
     if not text:
-        return parse_endpoints(f"127.0.0.1:{DEFAULT_PORT}", default_scheme=protocol), True
+        from_env = os.environ.get(ENDPOINTS_ENV, "").strip()
+        if from_env:
+            try:
+                endpoints = parse_endpoints(
+                    from_env, default_scheme=protocol, default_port=DEFAULT_PORT
+                )
+            except (ValueError, TypeError) as exc:
+                raise OptionError(f"${ENDPOINTS_ENV} {from_env!r}: {exc}") from exc
+            return endpoints, False
+        # The job's own embedded etcd, on the port its run id stands for.
+        return [Endpoint(protocol, "127.0.0.1", embedded_port(run_id))], True
     try:
         endpoints = parse_endpoints(
             text,
@@ -246,8 +262,8 @@ def _parse_endpoint(
         return endpoints, False
     ep = endpoints[0]
     if ep.port == 0:
-        ep = Endpoint(ep.scheme, ep.host, embedded_port(run_id))
-    return [ep], True
+        return [Endpoint(ep.scheme, ep.host, embedded_port(run_id))], True
+    return [ep], False
 
 
 __all__ = [

@@ -22,8 +22,22 @@ Options of torch's dynamic rendezvous with no meaning here are mapped or ignored
 a warning: ``heartbeat`` (``heartbeat_timeout``) is the time after which a silent node
 is dead, i.e. ``lease_ttl`` (used when ``lease_ttl`` is not given);
 ``keep_alive_interval`` and ``keep_alive_max_attempt`` are ignored (the engine refreshes
-its lease every ``lease_ttl / 6`` seconds on its own thread); ``ttl`` (how long the
-torch-dynamic state outlives its last write) is ignored (node keys live on leases).
+its lease every ``lease_ttl / 6`` seconds on its own thread); ``ttl`` is how long a
+closed run's keys outlive the close (default 7200 s; the node that closes the run puts
+them on a lease).
+
+The run's life: a new job on the id of a closed run whose nodes are all gone starts
+afresh (one still holding leases after ``lease_ttl + 2`` s is an error naming
+``etcd-rendezvous rdzv delete``). A run closed by anyone else than this node
+(``etcd-rendezvous rdzv close``, another agent ending the job) makes
+:meth:`~NativeRendezvousHandler.num_nodes_waiting` positive: torch's agent stops its
+workers, rejoins, gets the closed error and exits. A watchdog checks every second that
+etcd answers and says so on the console while it does not; the job's embedded etcd
+silent while its hosting agent's election lock is free (or for
+:data:`EMBEDDED_LOST_AFTER` s) is gone with that agent: every etcd call
+fails at once from then on (a rejoin: the agent exits; the exit barrier, close, leave:
+skipped) instead of retrying for minutes, while running workers may still finish.
+:meth:`~NativeRendezvousHandler.shutdown` bounds closing and leaving to a few seconds.
 
 What the agent gets from :meth:`NativeRendezvousHandler.next_rendezvous`, as from torch's
 ``DynamicRendezvousHandler``: the node's dense rank and the world size of the committed
@@ -50,9 +64,11 @@ no collective has failed yet (e.g. the workers of a node whose agent died still 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from contextlib import closing
@@ -72,9 +88,10 @@ from torch.distributed.elastic.rendezvous.api import (
 from torch.distributed.elastic.utils.distributed import get_socket_with_port
 
 from etcd_rendezvous import rendezvous as engine
+from etcd_rendezvous.client import Endpoint, EtcdClient
 from etcd_rendezvous.errors import EtcdClientError
-from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous
-from etcd_rendezvous.torchrun import _clients
+from etcd_rendezvous.rendezvous import Assignment, Change, ChangeKind, Rendezvous, _lifecycle
+from etcd_rendezvous.torchrun import _clients, _embedded
 from etcd_rendezvous.torchrun._options import (
     INT_RANGES,
     KNOWN_OPTIONS,
@@ -83,7 +100,7 @@ from etcd_rendezvous.torchrun._options import (
     bounded_int,
     parse_options,
 )
-from etcd_rendezvous.torchrun.plugin import connect
+from etcd_rendezvous.torchrun.plugin import connect, create_client
 from etcd_rendezvous.torchrun.store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -97,8 +114,18 @@ NATIVE_OPTIONS = frozenset({"lease_ttl", "fast_quorum", "probe"})
 _IGNORED = {
     "keep_alive_interval": "the engine refreshes its lease every lease_ttl/6 seconds",
     "keep_alive_max_attempt": "a node is dead when its lease expires (lease_ttl)",
-    "ttl": "node keys live on leases, the run's records are small and kept",
 }
+
+#: Seconds ``shutdown`` gives closing, then leaving, when etcd is slow or gone.
+SHUTDOWN_STEP_TIMEOUT = 3.0
+#: Seconds between two checks that etcd answers (the handler's watchdog), and the
+#: timeout of one check.
+WATCHDOG_INTERVAL = 1.0
+#: Seconds between two console warnings while etcd does not answer.
+WATCHDOG_REPEAT = 5.0
+#: Seconds without an answer after which the job's embedded etcd counts as gone (its
+#: hosting agent died: nothing can bring its state back).
+EMBEDDED_LOST_AFTER = 5.0
 
 
 def store_prefix(key_prefix: str, run_id: str) -> str:
@@ -107,7 +134,56 @@ def store_prefix(key_prefix: str, run_id: str) -> str:
     ``<key_prefix>-store/<run id>/``: outside ``<key_prefix>/`` so that store traffic
     never reaches the leader's watch of the run (nor ``rdzv list``).
     """
-    return f"{key_prefix.rstrip('/')}-store/{run_id}/"
+    return _lifecycle.store_prefix(key_prefix, run_id)
+
+
+#: Seconds during which a repeated warning (same logger and line) is not forwarded again.
+CONSOLE_REPEAT = 5.0
+
+
+class _ConsoleForwarder(logging.Handler):
+    """Our WARNING and ERROR records, on torchrun's console (through torch's logger tree).
+
+    A warning repeated from the same place (a retry loop against a dead etcd) reaches
+    the console once per :data:`CONSOLE_REPEAT` seconds, with the count of the others.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._last: dict[tuple[str, int], tuple[float, int]] = {}  # -> (time, suppressed)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _agent_log.isEnabledFor(record.levelno):
+            return
+        where = (record.name, record.lineno)
+        now = time.monotonic()
+        with self.lock or contextlib.nullcontext():
+            last, suppressed = self._last.get(where, (-CONSOLE_REPEAT, 0))
+            if now - last < CONSOLE_REPEAT:
+                self._last[where] = (last, suppressed + 1)
+                return
+            self._last[where] = (now, 0)
+        if suppressed:
+            record = logging.makeLogRecord(record.__dict__)  # others see the original
+            record.msg = (
+                f"{record.msg} ({suppressed} similar messages in the last "
+                f"{now - last:.0f}s not shown)"
+            )
+        _agent_log.handle(record)
+
+
+_forwarder = _ConsoleForwarder()
+
+
+def forward_warnings_to_console() -> None:
+    """Make the package's warnings reach the agent's console (idempotent).
+
+    The package logger has a ``NullHandler``; under torchrun nobody else configures it,
+    so without this an agent retrying an unreachable etcd says nothing.
+    """
+    package = logging.getLogger("etcd_rendezvous")
+    if _forwarder not in package.handlers:
+        package.addHandler(_forwarder)
 
 
 def _torch_error(exc: BaseException, run_id: str) -> Exception:
@@ -148,8 +224,16 @@ class NativeRendezvousHandler(RendezvousHandler):
         backend_name: str = "etcd-v3",
         local_addr: str | None = None,
         on_shutdown: Callable[[], None] | None = None,
+        closed_ttl: int = _lifecycle.DEFAULT_CLOSED_TTL,
+        watchdog: EtcdClient | None = None,
+        embedded: Endpoint | None = None,
     ) -> None:
         self._rdzv = rdzv
+        self._closed_ttl = closed_ttl
+        self._embedded = embedded
+        self._closing = False  # this handler closes the rendezvous (the job ends here)
+        self._outside_close_seen = False
+        self._etcd_lost: Exception | None = None  # the job's embedded etcd is gone
         self._on_shutdown = on_shutdown
         self._store = store
         self._backend_name = backend_name
@@ -162,6 +246,16 @@ class NativeRendezvousHandler(RendezvousHandler):
         ref = weakref.ref(self)
         self._atexit = lambda: _leave_at_exit(ref)
         atexit.register(self._atexit)
+        self._watchdog_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        if watchdog is not None:
+            self._watchdog = threading.Thread(
+                target=_run_watchdog,
+                args=(ref, watchdog, self._watchdog_stop),
+                name=f"etcd-v3-watchdog-{rdzv.run_id}",
+                daemon=True,
+            )
+            self._watchdog.start()
 
     # --- the contract ------------------------------------------------------------------
 
@@ -204,7 +298,7 @@ class NativeRendezvousHandler(RendezvousHandler):
                     )
                     assignment = self._rdzv.join(data=data)
             except (engine.RendezvousError, EtcdClientError) as exc:
-                raise _torch_error(exc, run_id) from exc
+                raise self._error_for(exc) from exc
         with self._lock:
             self._assignment = assignment
             self._lost = {r: s for r, s in self._lost.items() if r >= assignment.round}
@@ -230,6 +324,7 @@ class NativeRendezvousHandler(RendezvousHandler):
             raise _torch_error(exc, self._rdzv.run_id) from exc
 
     def set_closed(self) -> None:
+        self._closing = True
         try:
             self._rdzv.close()
         except (engine.RendezvousError, EtcdClientError) as exc:
@@ -237,12 +332,22 @@ class NativeRendezvousHandler(RendezvousHandler):
 
     def num_nodes_waiting(self) -> int:
         """Nodes waiting for a round, plus members of the running round that are gone."""
+        if self._etcd_lost is not None:
+            # Nothing can be known any more; the workers may still finish their job (the
+            # exit barrier and shutdown then fail fast). If they fail, the rejoin raises.
+            return 0
         try:
             waiting = self._rdzv.num_nodes_waiting()
             if self._rdzv.is_closed():
-                return waiting
+                if self._closing:
+                    return waiting
+                # Closed from outside (`etcd-rendezvous rdzv close`, another agent ending
+                # the job): the agent's monitor loop stops its workers on a waiting count
+                # and rejoins, which fails with the closed error: the agent exits.
+                self._note_outside_close()
+                return max(waiting, 1)
         except (engine.RendezvousError, EtcdClientError) as exc:
-            raise _torch_error(exc, self._rdzv.run_id) from exc
+            raise self._error_for(exc) from exc
         with self._lock:
             current = self._assignment
             lost = len(self._lost.get(current.round, ())) if current is not None else 0
@@ -252,34 +357,107 @@ class NativeRendezvousHandler(RendezvousHandler):
         return self._rdzv.run_id
 
     def shutdown(self) -> bool:
-        """Close the rendezvous for everyone (as torch's handler does), leave, release."""
+        """Close the rendezvous for everyone (as torch's handler does), leave, release.
+
+        Each step is bounded (:data:`SHUTDOWN_STEP_TIMEOUT`): with etcd slow or gone, the
+        agent exits in seconds and says why; a node lease not revoked expires on its own.
+        """
         with self._lock:
             if self._shut_down:
                 return True
             self._shut_down = True
+            self._closing = True
         atexit.unregister(self._atexit)
-        ok = True
+        self._watchdog_stop.set()
+        run_id, node_id = self._rdzv.run_id, self._rdzv.node_id
+        ok = self._etcd_lost is None
         try:
-            self._rdzv.close()
-            log.info("node %s closed rendezvous %s", self._rdzv.node_id, self._rdzv.run_id)
-        except (engine.RendezvousError, EtcdClientError) as exc:
-            log.warning(
-                "node %s could not close rendezvous %s: %s",
-                self._rdzv.node_id,
-                self._rdzv.run_id,
-                exc,
-            )
-            ok = False
+            if ok:
+                ok = _bounded(self._close_and_expire, f"closing rendezvous {run_id}")
+            if self._etcd_lost is None:
+                _bounded(self._rdzv.leave, f"leaving rendezvous {run_id}")
+            else:
+                _agent_log.warning(
+                    "rendezvous %s: etcd is gone, node %s neither closes nor leaves it",
+                    run_id,
+                    node_id,
+                )
         finally:
             try:
-                self._rdzv.leave()
+                self._store.close()
             finally:
-                try:
-                    self._store.close()
-                finally:
-                    if self._on_shutdown is not None:
-                        self._on_shutdown()
+                if self._on_shutdown is not None:
+                    self._on_shutdown()
         return ok
+
+    def _close_and_expire(self) -> None:
+        """Close the run, then put its keys on a lease of the closed TTL.
+
+        Every node does it (the run may have been closed by ``rdzv close``, whose keys
+        nobody else would expire); keys already on a lease are skipped, so the first
+        node's lease is the one that counts.
+        """
+        self._rdzv.close(timeout=SHUTDOWN_STEP_TIMEOUT)
+        log.info("node %s closed rendezvous %s", self._rdzv.node_id, self._rdzv.run_id)
+        client = self._store.client
+        state = _lifecycle.read_run(client, self._rdzv.run_id, self._rdzv.keys.key_prefix)
+        if state.closed is not None:
+            moved = _lifecycle.expire_run(
+                client, self._rdzv.run_id, self._closed_ttl, self._rdzv.keys.key_prefix
+            )
+            log.info(
+                "rendezvous %s: %d keys expire in %ds (ttl)",
+                self._rdzv.run_id,
+                moved,
+                self._closed_ttl,
+            )
+
+    def _error_for(self, exc: BaseException) -> Exception:
+        """The torch error for ``exc``: the etcd loss or the close explained when known."""
+        if self._etcd_lost is not None:
+            return self._etcd_lost
+        error = _torch_error(exc, self._rdzv.run_id)
+        if isinstance(exc, engine.RendezvousClosedError) and not isinstance(
+            exc, engine.RendezvousGracefulExitError
+        ):
+            by = self._closed_by()
+            error = torch_api.RendezvousClosedError(
+                f"etcd-v3 rendezvous {self._rdzv.run_id!r} is closed{by}: the job is over, "
+                "this agent stops. To run it again use the same command (a finished run "
+                "starts afresh) or another --rdzv-id."
+            )
+            error.__cause__ = exc
+        return error
+
+    def _closed_by(self) -> str:
+        try:
+            state = _lifecycle.read_run(
+                self._store.client, self._rdzv.run_id, self._rdzv.keys.key_prefix
+            )
+        except (engine.RendezvousError, EtcdClientError):
+            return ""
+        if state.closed is None:
+            return ""
+        return f" (closed by {state.closed.by} at {state.closed.time or '?'})"
+
+    def _note_outside_close(self) -> None:
+        if self._outside_close_seen:
+            return
+        self._outside_close_seen = True
+        _agent_log.warning(
+            "rendezvous %s was closed%s: node %s stops its workers and exits",
+            self._rdzv.run_id,
+            self._closed_by(),
+            self._rdzv.node_id,
+        )
+
+    def _on_etcd_lost(self, error: Exception) -> None:
+        """The watchdog's verdict: the job's embedded etcd is gone for good."""
+        self._etcd_lost = error
+        _agent_log.warning("%s", error)
+        # Every waiting etcd call (a join, the store's exit barrier) fails now, not after
+        # its retries: the state they wait for is gone.
+        self._store.client.close()
 
     # --- internals ------------------------------------------------------------------------
 
@@ -335,6 +513,101 @@ def _leave_at_exit(ref: weakref.ref[NativeRendezvousHandler]) -> None:
     handler = ref()
     if handler is not None:
         handler._leave_quietly()
+
+
+def _bounded(step: Callable[[], None], what: str, timeout: float = SHUTDOWN_STEP_TIMEOUT) -> bool:
+    """Run ``step`` for at most about ``timeout`` seconds; False (with a warning) if not done.
+
+    The step runs in a daemon thread; one still running at the deadline is left to end
+    on its own (its outcome is logged), so a shutdown never waits on a dead etcd.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            step()
+        except BaseException as exc:  # reported below, or logged if nobody waits any more
+            failure.append(exc)
+            log.debug("%s failed: %s", what, exc)
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        _agent_log.warning("%s: no answer from etcd within %.0fs, giving up", what, timeout)
+        return False
+    if failure:
+        _agent_log.warning("%s failed: %s", what, failure[0])
+        return False
+    return True
+
+
+def _run_watchdog(
+    ref: weakref.ref[NativeRendezvousHandler], client: EtcdClient, stop: threading.Event
+) -> None:
+    """Check every second that etcd answers; say so on the console while it does not.
+
+    For the job's embedded etcd, silence while its election lock is free (the hosting
+    agent's process is gone: the kernel released its ``flock``), or for
+    :data:`EMBEDDED_LOST_AFTER` seconds, means the state is gone: every etcd call of the
+    handler fails at once from then on (a rejoin raises: the agent exits) instead of
+    retrying for minutes. Any other etcd may come back: the agent keeps waiting and keeps
+    saying so.
+    """
+    down_since: float | None = None
+    warned = 0.0
+    try:
+        while not stop.wait(WATCHDOG_INTERVAL):
+            handler = ref()
+            if handler is None:
+                return
+            try:
+                client.status()
+            except EtcdClientError as exc:
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                silent = now - down_since
+                run_id, endpoints = handler._rdzv.run_id, ",".join(client.endpoints)
+                embedded = handler._embedded
+                if embedded is not None and (
+                    silent >= EMBEDDED_LOST_AFTER or not _embedded.host_alive(embedded, run_id)
+                ):
+                    handler._on_etcd_lost(
+                        RendezvousConnectionError(
+                            f"etcd-v3 rendezvous {run_id!r}: the job's embedded etcd at "
+                            f"{endpoints} has not answered for {silent:.0f}s ({exc}): its "
+                            "hosting agent (or that etcd) is gone, and the rendezvous "
+                            "state with it. This agent lets its workers finish but cannot "
+                            "rejoin: if they fail it exits. Run the job again (on a real "
+                            "etcd cluster, --rdzv-endpoint, to survive a node's death)."
+                        )
+                    )
+                    return
+                if now - warned >= WATCHDOG_REPEAT:
+                    warned = now
+                    _agent_log.warning(
+                        "etcd-v3 rendezvous %r: etcd at %s does not answer (for %.0fs: %s); %s",
+                        run_id,
+                        endpoints,
+                        silent,
+                        exc,
+                        f"the embedded etcd counts as gone after {EMBEDDED_LOST_AFTER:.0f}s"
+                        if handler._embedded
+                        else "waiting for it (a join fails after its join_timeout)",
+                    )
+            else:
+                if down_since is not None:
+                    _agent_log.warning(
+                        "etcd-v3 rendezvous %r: etcd answers again after %.0fs",
+                        handler._rdzv.run_id,
+                        time.monotonic() - down_since,
+                    )
+                down_since = None
+            del handler
+    except Exception as exc:  # never silently: the agent hears why its watchdog stopped
+        _agent_log.warning("the etcd-v3 watchdog stopped: %r", exc)
+    finally:
+        client.close()
 
 
 # --- options and construction ---------------------------------------------------------------
@@ -433,8 +706,20 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
                 why,
             )
     key_prefix = str(params.config.get("key_prefix") or engine.DEFAULT_KEY_PREFIX)
+    forward_warnings_to_console()
 
     client = _clients.acquire(opts, lambda: connect(opts, params))
+    try:
+        # A run id used again: a closed run whose nodes are all gone starts afresh.
+        _lifecycle.reset_if_finished(client, params.run_id, key_prefix, wait=lease_ttl + 2.0)
+    except (engine.RendezvousError, EtcdClientError) as exc:
+        _clients.release(client)
+        raise _torch_error(exc, params.run_id) from exc
+    embedded = (
+        opts.endpoints[0]
+        if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host)
+        else None
+    )
     store = EtcdStore(
         client,
         store_prefix(key_prefix, params.run_id),
@@ -469,12 +754,16 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
         fast_quorum,
         rdzv.probe.partition("@")[2] or "off",
     )
+    watchdog = create_client(opts, timeout=WATCHDOG_INTERVAL)
     return NativeRendezvousHandler(
         rdzv,
         store,
         backend_name=params.backend,
         local_addr=addr,
         on_shutdown=lambda: _clients.release(client),
+        closed_ttl=opts.ttl or _lifecycle.DEFAULT_CLOSED_TTL,
+        watchdog=watchdog,
+        embedded=embedded,
     )
 
 

@@ -12,9 +12,10 @@ heartbeats, close) on :class:`~etcd_rendezvous.torchrun.backend.EtcdRendezvousBa
 and :class:`~etcd_rendezvous.torchrun.store.EtcdStore`, both on etcd's v3 API.
 
 ``--rdzv-endpoint``: ``host:port``, a comma-separated list of them (failover
-between members), IPv6 in brackets (``[::1]:2379``); empty, ``localhost:0``
-or a local address where no etcd answers selects the embedded default (see
-:mod:`etcd_rendezvous.torchrun._embedded`).
+between members), IPv6 in brackets (``[::1]:2379``), used as given (an etcd that
+does not answer there is an error). Left out, it is ``$ETCD_ENDPOINTS`` if set; else,
+and for ``localhost:0``, the embedded default: the job's own etcd, hosted by one of its
+agents on this machine (see :mod:`etcd_rendezvous.torchrun._embedded`).
 
 ``--rdzv-conf`` (``key=value,...``):
 
@@ -35,7 +36,8 @@ or a local address where no etcd answers selects the embedded default (see
 ``heartbeat``              (or ``heartbeat_timeout``, the name torch reads)
 ``keep_alive_interval``    seconds between heartbeats (default 5)
 ``keep_alive_max_attempt`` missed heartbeats before a node is dead (default 3)
-``embedded``               ``false`` to never host etcd in an agent
+``embedded``               ``true`` to host the job's etcd in an agent at the
+                           (local) endpoint given; ``false`` to never host one
 =========================  =====================================================
 
 Any other option, a bad value or a bad endpoint raises ``ValueError`` naming
@@ -71,11 +73,11 @@ log = logging.getLogger(__name__)
 EMBEDDED_START_TIMEOUT = 60.0
 
 
-def create_client(opts: EtcdV3Options) -> EtcdClient:
+def create_client(opts: EtcdV3Options, *, timeout: float | None = None) -> EtcdClient:
     """An :class:`EtcdClient` for the options' endpoints, TLS and credentials."""
     return EtcdClient(
         [ep.url for ep in opts.endpoints],
-        timeout=opts.request_timeout,
+        timeout=opts.request_timeout if timeout is None else timeout,
         ca_cert=opts.ca_cert,
         cert=opts.ssl_cert,
         key=opts.ssl_cert_key,
@@ -87,18 +89,24 @@ def create_client(opts: EtcdV3Options) -> EtcdClient:
 def connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
     """Host the embedded etcd when needed, then a client that answers (or fail clearly)."""
     if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
-        endpoint = opts.endpoints[0]
-        if not _embedded.etcd_answers(endpoint, timeout=min(opts.request_timeout, 2.0)):
-            _embedded.ensure_local_etcd(endpoint, params.run_id, EMBEDDED_START_TIMEOUT)
+        # The job's own sidecar (hosted here, or by another agent of the job on this
+        # machine and verified to be it): never an etcd that merely answers there.
+        _embedded.ensure_local_etcd(opts.endpoints[0], params.run_id, EMBEDDED_START_TIMEOUT)
     client = create_client(opts)
     try:
         version = client.status().version
     except EtcdClientError as exc:
         client.close()
+        hint = "Start etcd there or fix the endpoint" + (
+            ""
+            if opts.may_embed
+            else " (an explicit endpoint is never replaced by an "
+            "embedded etcd: leave it out, or pass localhost:0, to host one in an agent "
+            "on this machine)"
+        )
         raise RendezvousConnectionError(
             f"--rdzv-backend={params.backend}: no etcd answers at --rdzv-endpoint "
-            f"{opts.endpoint_list()} ({exc}). Start etcd there, fix the endpoint, or leave "
-            "it out to host one in an agent on this machine."
+            f"{opts.endpoint_list()} ({exc}). {hint}."
         ) from exc
     log.info(
         "%s rendezvous %r on etcd %s at %s",
