@@ -270,6 +270,8 @@ _ENDPOINT_ALPHABET = "ab1209.:-_[]~ /@?#%\x00\tf:"
 
 @hypothesis.settings(max_examples=400, deadline=None)
 @hypothesis.given(st.text(alphabet=_ENDPOINT_ALPHABET, max_size=14))
+@hypothesis.example("_/")  # a trailing slash: the client takes it, torch does not
+@hypothesis.example("a:1/")
 def test_whatever_torch_rejects_we_reject(endpoint: str) -> None:
     from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 

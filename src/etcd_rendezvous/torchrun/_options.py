@@ -240,6 +240,14 @@ def _parse_endpoint(
             return endpoints, False
         # The job's own embedded etcd, on the port its run id stands for.
         return [Endpoint(protocol, "127.0.0.1", embedded_port(run_id))], True
+    for item in text.split(","):
+        # The client accepts "http://host:2379/"; torch's parser (and so --rdzv-endpoint)
+        # takes host:port only, with no path, not even a trailing slash.
+        if "/" in item.strip().partition("://")[2 if "://" in item else 0]:
+            raise OptionError(
+                f"--rdzv-endpoint {text!r}: {item.strip()!r} has a path ('/'); "
+                "give host:port (or scheme://host:port) only"
+            )
     try:
         endpoints = parse_endpoints(
             text,
