@@ -35,6 +35,7 @@ from etcd_rendezvous.rendezvous._errors import RendezvousError
 from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
 from etcd_rendezvous.rendezvous._observe import key_event
 from etcd_rendezvous.rendezvous._records import ConfigRecord, Keys
+from etcd_rendezvous.rendezvous._threads import guarded
 
 if TYPE_CHECKING:
     from etcd_rendezvous.rendezvous.engine import Rendezvous
@@ -167,8 +168,8 @@ class Hub:
         with self._lock:
             if self._thread is None:
                 self._watch = self._open_watch()  # before any node reads: nothing is missed
-                self._thread = threading.Thread(
-                    target=self._run, name=f"rendezvous-hub {self.keys.run_id}", daemon=True
+                self._thread = guarded(
+                    self._run, self._died, name=f"rendezvous-hub {self.keys.run_id}"
                 )
                 self._thread.start()
             self._registered.add(node)
@@ -235,6 +236,17 @@ class Hub:
                 nodes = list(self._attached)
             for node in nodes:
                 node._take(batch)
+
+    def _died(self, exc: BaseException) -> None:
+        """The reader thread raised: fail every node of the hub with the cause, and stop."""
+        with self._lock:
+            nodes = list(self._registered)
+            self._stopping.set()
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        for node in nodes:
+            node._hub_failed(exc)
 
     def _read(self, watch: Watch) -> Batch:
         """Everything the watch has ready (waiting up to 1 s for the first event)."""

@@ -67,6 +67,7 @@ from etcd_rendezvous.rendezvous._records import (
     decode_as,
     encode,
 )
+from etcd_rendezvous.rendezvous._threads import guarded
 
 log = logging.getLogger(__name__)
 
@@ -623,9 +624,28 @@ class Rendezvous:
             self._cond.notify_all()
         self._dispatch()
 
-    def _hub_failed(self, error: EtcdClientError) -> None:
+    def _hub_failed(self, error: BaseException) -> None:
+        """The hub's watch gave up, or its thread died: no more ``ctl/`` events for us."""
         with self._cond:
-            self._fatal_locked(self._connection_error(error))
+            if isinstance(error, EtcdClientError):
+                self._fatal_locked(self._connection_error(error))
+            else:
+                self._fatal_locked(self._died_error("the rendezvous-hub thread", error))
+
+    def _thread_died(self, error: BaseException) -> None:
+        """The decision loop raised something it does not handle: fail every caller."""
+        self._fatal(self._died_error("the leader's decision loop", error))
+
+    def _died_error(self, what: str, exc: BaseException) -> RendezvousError:
+        if isinstance(exc, RendezvousError):
+            return exc
+        error = RendezvousError(
+            f"rendezvous {self.run_id!r} (node {self.node_id!r}) stopped: {what} died of "
+            f"{type(exc).__name__}: {exc} (a bug: please report it with the log)",
+            run_id=self.run_id,
+        )
+        error.__cause__ = exc
+        return error
 
     def _lead(self, leading: _LeaderWatch) -> None:
         """The leader's decision loop, on its private watch of the whole run prefix."""
@@ -1046,11 +1066,10 @@ class Rendezvous:
                 old, self._watch = self._watch, watch
                 if old is not None:
                     old.cancel()
-                self._thread = threading.Thread(
-                    target=self._lead,
-                    args=(watch,),
+                self._thread = guarded(
+                    functools.partial(self._lead, watch),
+                    self._thread_died,
                     name=f"rendezvous {self.run_id} {self.node_id}",
-                    daemon=True,
                 )
                 self._thread.start()
         self._feed(snap)
