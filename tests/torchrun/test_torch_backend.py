@@ -356,7 +356,7 @@ def _planted(**fields: Any) -> bytes:
 _MISSING = object()
 _NODE = _NodeDesc("host-b", 99, 1)
 _NOW = datetime.now(timezone.utc)
-PLANTED = {
+PLANTED: dict[str, tuple[dict[str, Any], str]] = {
     "string-rank": (dict(participants={_NODE: "0"}), "rank of participant"),
     "bool-rank": (dict(participants={_NODE: True}), "rank of participant"),
     "negative-rank": (dict(participants={_NODE: -1}), "rank of participant"),
