@@ -142,6 +142,8 @@ fault_op = st.one_of(
     st.tuples(st.just("rejoin"), st.sampled_from(NODES)),
     st.tuples(st.just("crash"), st.sampled_from(NODES)),
     st.tuples(st.just("expire_dead"), st.sampled_from(NODES)),
+    st.tuples(st.just("refuse_put"), st.sampled_from(NODES)),
+    st.tuples(st.just("lose_put_reply"), st.sampled_from(NODES)),
     st.tuples(st.just("agents"), st.just(0)),
 )
 
@@ -166,7 +168,16 @@ def run_faults(world: rdzv_sim.World, ops: list[tuple[str, object]]) -> None:
             for node in world.live():
                 if node.state.phase is m.Phase.MEMBER and world._should_rejoin(node):
                     world.start(node.node_id)
-        elif name in ("pause", "expire_paused", "resume", "restart", "crash", "expire_dead"):
+        elif name in (
+            "pause",
+            "expire_paused",
+            "resume",
+            "restart",
+            "crash",
+            "expire_dead",
+            "refuse_put",
+            "lose_put_reply",
+        ):
             getattr(world, name)(str(arg))
         else:
             run(world, [(name, arg)])

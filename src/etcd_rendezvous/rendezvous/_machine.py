@@ -207,6 +207,7 @@ class Failure(enum.Enum):
     GRACEFUL_EXIT = "graceful_exit"
     LEFT = "left"
     LEASE_LOST = "lease_lost"
+    ETCD = "etcd"  # etcd refused or did not answer a write the join needs
 
 
 # --- events ------------------------------------------------------------------------
@@ -293,6 +294,43 @@ class Evaluate:
     """Internal: re-evaluate the leader's duties after every other event."""
 
 
+# outcomes: what the executor reports back after performing an action
+
+
+@dataclass(frozen=True)
+class PutNodeFailed:
+    """``PutNode`` failed: etcd refused it, or no reply came (``maybe_applied``)."""
+
+    reason: str
+    maybe_applied: bool = False
+
+
+@dataclass(frozen=True)
+class NodeKeyDeleted:
+    """``DeleteNode`` done: our key is gone (or was not there)."""
+
+
+@dataclass(frozen=True)
+class DeleteRefused:
+    """``DeleteNode`` found a newer round with us in it: the key stays, we are a member."""
+
+    record: RoundRecord
+    revision: int
+
+
+@dataclass(frozen=True)
+class DeleteFailed:
+    """``DeleteNode`` failed (etcd unreachable): the key goes with our lease."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class CommitLost:
+    """``CommitRound``'s txn failed its guard: another round was committed, or our
+    leadership (the leader key's lease) is gone."""
+
+
 Event = (
     Join
     | Leave
@@ -307,6 +345,11 @@ Event = (
     | ClosedSeen
     | LeaderChanged
     | Evaluate
+    | PutNodeFailed
+    | NodeKeyDeleted
+    | DeleteRefused
+    | DeleteFailed
+    | CommitLost
 )
 
 # --- actions -----------------------------------------------------------------------
@@ -430,6 +473,7 @@ class State:
     collect_known: frozenset[str] | None = None  # pending when the last round stopped running
     probed: frozenset[str] = frozenset()  # late members of the last round already probed
     timed_out: bool = False  # our join just timed out (a round may have included us)
+    deleting: bool = False  # that join's key deletion is under way: its outcome decides
 
     @property
     def round_number(self) -> int:
@@ -686,6 +730,7 @@ def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[St
         assignment=None,
         spare=False,
         timed_out=False,
+        deleting=False,
     )
     return state, [PutNode(record)]
 
@@ -715,17 +760,81 @@ def _promote_spare(
     return replace(state, spare=False, join_deadline=now + state.join_timeout), []
 
 
-def _fail(failure: Failure, message: str, *, delete: bool = False) -> Effect:
+def _fail(failure: Failure, message: str) -> Effect:
     def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
-        actions: list[Action] = [DeleteNode(state.round_revision)] if delete else []
-        actions.append(Fail(failure, message))
-        nodes = state.nodes
-        if delete and nodes is not None and cfg.node_id in nodes:  # a leader never admits
-            nodes = {n: e for n, e in nodes.items() if n != cfg.node_id}  # itself after this
-        return replace(state, join_deadline=None, nodes=nodes, timed_out=delete), actions
+        return replace(state, join_deadline=None), [Fail(failure, message)]
 
     effect.__name__ = f"fail_{failure.value}"
     return effect
+
+
+def _without_me(cfg: Config, state: State) -> Mapping[str, NodeEntry] | None:
+    """The leader's node table without us: a leader never admits itself after giving up."""
+    nodes = state.nodes
+    if nodes is not None and cfg.node_id in nodes:
+        return {n: e for n, e in nodes.items() if n != cfg.node_id}
+    return nodes
+
+
+def _join_timeout(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """Delete our key while no newer round exists; the deletion's outcome decides (rows
+    ``timeout-deleted``, ``timeout-refused``, ``timeout-delete-failed``)."""
+    state = replace(
+        state, join_deadline=None, nodes=_without_me(cfg, state), timed_out=True, deleting=True
+    )
+    return state, [DeleteNode(state.round_revision)]
+
+
+def _deleting(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return state.deleting
+
+
+def _timeout_deleted(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    return replace(state, deleting=False), [Fail(Failure.TIMEOUT, "join timed out")]
+
+
+def _timeout_delete_failed(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    if not isinstance(event, DeleteFailed):
+        raise TypeError(event)
+    message = f"join timed out (its node key could not be deleted: {event.reason})"
+    return replace(state, deleting=False), [Fail(Failure.TIMEOUT, message)]
+
+
+def _refused_with_me(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return (
+        state.deleting and isinstance(event, DeleteRefused) and cfg.node_id in event.record.members
+    )
+
+
+def _timeout_refused(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """The join timed out as a round with us was committed: take it (as torch does)."""
+    if not isinstance(event, DeleteRefused):
+        raise TypeError(event)
+    state = replace(state, deleting=False)
+    return _deliver(cfg, state, RoundCommitted(event.record, event.revision), now)
+
+
+def _put_failed(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """Our node key was not written: the join fails now (not at its timeout); a write that
+    may have been applied is undone (a guarded delete), so that no round counts us."""
+    if not isinstance(event, PutNodeFailed):
+        raise TypeError(event)
+    actions: list[Action] = [DeleteNode()] if event.maybe_applied else []
+    actions.append(Fail(Failure.ETCD, f"could not write its node key: {event.reason}"))
+    return replace(state, join_deadline=None, nodes=_without_me(cfg, state)), actions
+
+
+def _commit_lost(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """Our commit lost its guard: read again what is (a newer round, or another leader)."""
+    return replace(state, committing=0), [Resync(scope(cfg, state))]
 
 
 def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
@@ -1051,7 +1160,6 @@ IDLE, JOINING, MEMBER, CLOSED, LEFT = (
 
 _join_closed = _fail(Failure.CLOSED, "the rendezvous is closed")
 _join_left = _fail(Failure.LEFT, "the node left the rendezvous")
-_join_timeout = _fail(Failure.TIMEOUT, "join timed out", delete=True)
 _closed_spare = _closed(Failure.GRACEFUL_EXIT)
 _closed_joining = _closed(Failure.CLOSED)
 _closed_notify = _closed(None)
@@ -1078,6 +1186,18 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("node-deleted", ANY, NodeDeleted, _always, None, _nothing),
     Row("round-mine", _p(JOINING), RoundCommitted, _in_round, MEMBER, _deliver),
     Row("round-after-timeout", _p(IDLE), RoundCommitted, _in_round_after_timeout, MEMBER, _deliver),
+    # what the executor reports of the actions it performed
+    Row("put-failed", _p(JOINING), PutNodeFailed, _always, IDLE, _put_failed),
+    Row("put-failed-late", ANY, PutNodeFailed, _always, None, _nothing),
+    Row("timeout-deleted", _p(IDLE), NodeKeyDeleted, _deleting, None, _timeout_deleted),
+    Row("deleted", ANY, NodeKeyDeleted, _always, None, _nothing),
+    Row("timeout-refused", _p(IDLE), DeleteRefused, _refused_with_me, MEMBER, _timeout_refused),
+    Row("timeout-refused-other", _p(IDLE), DeleteRefused, _deleting, None, _timeout_deleted),
+    Row("delete-refused", ANY, DeleteRefused, _always, None, _nothing),
+    Row("timeout-delete-failed", _p(IDLE), DeleteFailed, _deleting, None, _timeout_delete_failed),
+    Row("delete-failed", ANY, DeleteFailed, _always, None, _nothing),
+    Row("commit-lost", ACTIVE, CommitLost, _always, None, _commit_lost),
+    Row("commit-lost-done", DONE, CommitLost, _always, None, _nothing),
     Row("round-other", ANY, RoundCommitted, _always, None, _notify_round),
     Row("closed-spare", _p(JOINING), ClosedSeen, _is_spare, CLOSED, _closed_spare),
     Row("closed-joining", _p(JOINING), ClosedSeen, _always, CLOSED, _closed_joining),
@@ -1118,6 +1238,8 @@ def _observe(state: State, event: Event) -> State:
         nodes = dict(state.nodes)
         nodes.pop(event.node_id, None)
         return replace(state, nodes=nodes)
+    if isinstance(event, DeleteRefused) and event.revision > state.round_revision:
+        event = RoundCommitted(event.record, event.revision)
     if isinstance(event, RoundCommitted):
         return replace(
             state,

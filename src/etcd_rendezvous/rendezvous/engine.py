@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, TypeVar
@@ -60,6 +60,7 @@ from etcd_rendezvous.rendezvous._records import (
     Keys,
     LeaderRecord,
     NodeRecord,
+    RoundRecord,
     StatusRecord,
     check_node_id,
     check_run_id,
@@ -94,6 +95,7 @@ _FAILURES: dict[m.Failure, type[RendezvousError]] = {
     m.Failure.GRACEFUL_EXIT: RendezvousGracefulExitError,
     m.Failure.LEFT: RendezvousLeftError,
     m.Failure.LEASE_LOST: RendezvousLeftError,
+    m.Failure.ETCD: RendezvousError,
 }
 
 
@@ -242,7 +244,8 @@ class Rendezvous:
         self._listeners: list[Callable[[Change], None]] = []
         self._outbox: list[Change] = []
         self._depth = 0
-        self._late_round: m.RoundCommitted | None = None  # see _delete_node
+        self._cause: BaseException | None = None  # why the last action failed (for Fail)
+        self._io_deadline: float | None = None  # retries stop by then (a join is waiting)
 
     # --- public API -----------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class Rendezvous:
         """
         timeout = self.join_timeout if timeout is None else timeout
         deadline = self._clock() + timeout
-        with self._cond:
+        with self._boundary(deadline), self._cond:
             self._start()
             self._result = None
             self._feed(m.Join(deadline, {**self._data, **(data or {})}, timeout))
@@ -290,7 +293,8 @@ class Rendezvous:
             self._raise_fatal()
             if self._active:
                 return m.num_nodes_waiting(self.config, self._state)
-        status = self._read_status()
+        with self._boundary():
+            status = self._read_status()
         return status.waiting if status is not None else 0
 
     def is_closed(self) -> bool:
@@ -299,12 +303,13 @@ class Rendezvous:
             self._raise_fatal()
             if self._active:
                 return self._state.closed
-        return self._etcd(self._client.get, self.keys.closed) is not None
+        with self._boundary():
+            return self._etcd(self._client.get, self.keys.closed) is not None
 
     def close(self, timeout: float | None = None) -> None:
         """Close the rendezvous for everyone (the job is over); wait until it is seen."""
         deadline = self._clock() + (self.close_timeout if timeout is None else timeout)
-        with self._cond:
+        with self._boundary(deadline), self._cond:
             if not self._active:
                 self._put_closed()
                 return
@@ -552,6 +557,23 @@ class Rendezvous:
 
     # --- etcd calls ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _boundary(self, deadline: float | None = None) -> Iterator[None]:
+        """The public methods' one translation of client errors into rendezvous errors.
+
+        With ``deadline`` (a join's or close's), every retry of this node meanwhile stops
+        by then, in the caller's thread and in the loops that hold the lock it waits for:
+        the call returns or raises within its timeout plus one request's timeout."""
+        if deadline is not None:
+            self._io_deadline = deadline
+        try:
+            yield
+        except EtcdClientError as exc:
+            raise self._connection_error(exc) from exc
+        finally:
+            if deadline is not None:
+                self._io_deadline = None
+
     def _slots(self) -> contextlib.AbstractContextManager[object]:
         return self._hub.io if self._hub is not None else contextlib.nullcontext()
 
@@ -564,15 +586,20 @@ class Rendezvous:
         return self._etcd_with(self._retry, fn, *args, **kwargs)
 
     def _etcd_with(self, policy: Retry, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """:meth:`_etcd` with its own retry policy."""
+        """:meth:`_etcd` with its own retry policy (cut short by the caller's deadline)."""
         retry = policy.copy()
+        bound = self._io_deadline
         while True:
             try:
                 with self._slots():
                     return fn(*args, **kwargs)
             except (EtcdUnavailableError, EtcdTimeoutError) as exc:
                 delay = retry.next_delay()
-                if delay is None or self._stopping.is_set():
+                if (
+                    delay is None
+                    or self._stopping.is_set()
+                    or (bound is not None and self._clock() + delay > bound)
+                ):
                     raise
                 log.warning(
                     "rendezvous %s, node %s: %s; retrying in %.2fs",
@@ -722,9 +749,13 @@ class Rendezvous:
         return events
 
     def _connection_error(self, exc: EtcdClientError) -> RendezvousError:
+        what = (
+            "lost its connection to etcd"
+            if isinstance(exc, EtcdUnavailableError | EtcdTimeoutError)
+            else "got an error from etcd"
+        )
         error = RendezvousError(
-            f"rendezvous {self.run_id!r} (node {self.node_id!r}) lost its connection to etcd: "
-            f"{exc}",
+            f"rendezvous {self.run_id!r} (node {self.node_id!r}) {what}: {exc}",
             run_id=self.run_id,
         )
         error.__cause__ = exc
@@ -748,8 +779,13 @@ class Rendezvous:
     def _feed(self, event: m.Event) -> None:
         """Step the machine and perform its actions (called with the lock held)."""
         self._state, actions = self._machine.step(self._state, event, self._clock())
-        for action in actions:
-            self._do(action)
+        self._perform(actions)
+
+    def _perform(self, actions: list[m.Action]) -> None:
+        """Carry out ``actions`` in order, then report their outcomes to the machine."""
+        outcomes = [outcome for action in actions if (outcome := self._do(action)) is not None]
+        for outcome in outcomes:
+            self._feed(outcome)
 
     def _feed_batch(self, events: list[m.Event]) -> None:
         prober = _probe.prober()
@@ -759,15 +795,16 @@ class Rendezvous:
             elif isinstance(event, m.LeaderChanged) and event.probe and event.probe != self.probe:
                 prober.learn(event.probe)
         self._state, actions = self._machine.step_batch(self._state, events, self._clock())
-        for action in actions:
-            self._do(action)
+        self._perform(actions)
 
-    def _do(self, action: m.Action) -> None:
+    def _do(self, action: m.Action) -> m.Event | None:
+        """Perform one action; the event reporting its outcome, if the machine needs it."""
         client, keys = self._client, self.keys
+        outcome: m.Event | None = None
         if isinstance(action, m.PutNode):
-            self._put_node(action)
+            outcome = self._put_node(action)
         elif isinstance(action, m.DeleteNode):
-            self._late_round = self._delete_node(action)
+            outcome = self._delete_node(action)
         elif isinstance(action, m.RevokeLease):
             if action.farewell is not None and self._lease_ok() and self._lease is not None:
                 self._farewell(action.farewell, self._lease.id)
@@ -787,7 +824,7 @@ class Rendezvous:
         elif isinstance(action, m.Resync):
             self._resync(action.scope)
         elif isinstance(action, m.CommitRound):
-            self._commit(action)
+            outcome = self._commit(action)
         elif isinstance(action, m.PublishStatus):
             if self._leader_lease is not None:
                 self._etcd(
@@ -812,27 +849,18 @@ class Rendezvous:
                 action.assignment.world_size,
                 action.assignment.reason or "no reason given",
             )
-        elif isinstance(action, m.Fail) and self._late_round is not None:
-            # The join timed out, but a round including us was committed first: take it.
-            late, self._late_round = self._late_round, None
-            log.info(
-                "node %s: join timed out as round %d of rendezvous %s was committed with "
-                "it; taking that round",
-                self.node_id,
-                late.record.round,
-                self.run_id,
-            )
-            self._feed(late)
         elif isinstance(action, m.Fail):
             error = _FAILURES[action.failure]
             self._result = error(
                 f"rendezvous {self.run_id!r}, node {self.node_id!r}: {action.message}",
                 run_id=self.run_id,
             )
+            self._result.__cause__, self._cause = self._cause, None
         elif isinstance(action, m.Notify):
             self._changes.append(action.change)
             self._outbox.append(action.change)
         self._cond.notify_all()
+        return outcome
 
     def _probed(self, node_id: str, probe: str, verdict: _probe.Verdict) -> None:
         """A late member's (or the leader's) probe came back, on a prober thread: if its
@@ -873,33 +901,48 @@ class Rendezvous:
         except (EtcdClientError, RendezvousError) as exc:
             log.warning("node %s: could not evict dead node %s: %s", self.node_id, node_id, exc)
 
-    def _delete_node(self, action: m.DeleteNode) -> m.RoundCommitted | None:
+    def _delete_node(self, action: m.DeleteNode) -> m.Event:
         """Delete our node key (a join gave up). With ``if_round_revision``: only while no
-        newer round is committed; a newer one that includes us is returned instead (the
-        key stays: we are a member), one without us does not stop the deletion."""
+        newer round is committed; a newer one that includes us refuses the deletion (the
+        key stays: we are a member), one without us does not stop it. Both txns are
+        guarded, so a resend after a lost reply is harmless."""
         if self._lease is None:
-            return None
+            return m.NodeKeyDeleted()  # no lease, no key
         keys = self.keys
         key = keys.node(self.node_id)
         owned = Compare.lease(key, "==", self._lease.id)
-        if action.if_round_revision is not None:
-            response = self._etcd(
-                self._client.txn,
-                [owned, Compare.mod_revision(keys.round, "==", action.if_round_revision)],
-                [Op.delete(key)],
-                [Op.get(keys.round)],
-            )
-            if response.succeeded:
-                return None
-            read = response.responses[0] if response.responses else None
-            if isinstance(read, RangeResponse) and read.kvs:
-                kv = read.kvs[0]
-                if kv.mod_revision != action.if_round_revision:
-                    event = key_event(keys, keys.round, kv.value, mod_revision=kv.mod_revision)
-                    if isinstance(event, m.RoundCommitted) and self.node_id in event.record.members:
-                        return event
-        self._etcd(self._client.txn, [owned], [Op.delete(key)])
-        return None
+        try:
+            if action.if_round_revision is not None:
+                response = self._etcd(
+                    self._client.txn,
+                    [owned, Compare.mod_revision(keys.round, "==", action.if_round_revision)],
+                    [Op.delete(key)],
+                    [Op.get(keys.round)],
+                )
+                if response.succeeded:
+                    return m.NodeKeyDeleted()
+                read = response.responses[0] if response.responses else None
+                if isinstance(read, RangeResponse) and read.kvs:
+                    kv = read.kvs[0]
+                    if kv.mod_revision != action.if_round_revision:
+                        record = decode_as(
+                            RoundRecord, kv.value, key=keys.round, run_id=self.run_id
+                        )
+                        if self.node_id in record.members:
+                            log.info(
+                                "node %s: join timed out as round %d of rendezvous %s was "
+                                "committed with it; taking that round",
+                                self.node_id,
+                                record.round,
+                                self.run_id,
+                            )
+                            return m.DeleteRefused(record, kv.mod_revision)
+            self._etcd(self._client.txn, [owned], [Op.delete(key)])
+        except (EtcdClientError, RendezvousError) as exc:
+            log.warning("node %s could not delete its node key: %s", self.node_id, exc)
+            self._cause = exc
+            return m.DeleteFailed(str(exc))
+        return m.NodeKeyDeleted()
 
     def _farewell(self, record: NodeRecord, lease_id: int) -> None:
         """Mark our key as leaving (one guarded put), so that the leader tells a clean
@@ -938,7 +981,26 @@ class Rendezvous:
                 hub.leader_created(response.revision)
             log.info("node %s leads rendezvous %s", self.node_id, self.run_id)
 
-    def _put_node(self, action: m.PutNode) -> None:
+    def _put_node(self, action: m.PutNode) -> m.Event | None:
+        """Write our node key; the failure, if any, as an event (nothing on success).
+
+        Every write here is guarded (our lease, or an absent key) or revokes first, so a
+        resend after a lost reply cannot put a stale record over a newer one."""
+        try:
+            self._put_node_once(action)
+        except (EtcdClientError, RendezvousError) as exc:
+            maybe = isinstance(exc, EtcdUnavailableError | EtcdTimeoutError)
+            log.warning(
+                "node %s could not write its node key%s: %s",
+                self.node_id,
+                " (it may have been written)" if maybe else "",
+                exc,
+            )
+            self._cause = exc
+            return m.PutNodeFailed(str(exc), maybe_applied=maybe)
+        return None
+
+    def _put_node_once(self, action: m.PutNode) -> None:
         lease = self._lease if self._lease is not None and self._lease_ok() else self._new_lease()
         key = self.keys.node(self.node_id)
         try:
@@ -964,7 +1026,16 @@ class Rendezvous:
             log.warning("node %s restarted: revoking its previous lease %x", self.node_id, old)
             with contextlib.suppress(EtcdLeaseNotFoundError):
                 self._etcd(self._client.lease_revoke, old)
-        self._etcd(self._client.put, key, encode(action.record), lease=lease_id)
+        # Guarded again (ours or absent), never a blind put: a resend after a lost reply,
+        # or a third incarnation that got in first, cannot be overwritten.
+        response = self._put_node_txn(key, action.record, lease_id)
+        inner = response.responses[0] if response.responses else None
+        if not (response.succeeded or (isinstance(inner, TxnResponse) and inner.succeeded)):
+            raise RendezvousError(
+                f"node id {self.node_id!r} of rendezvous {self.run_id!r} is in use by another "
+                "process (its key came back under another lease): give each node its own id",
+                run_id=self.run_id,
+            )
 
     def _put_node_txn(self, key: str, record: NodeRecord, lease_id: int) -> TxnResponse:
         """Put our key if it is ours or absent (one request for a first join or a rejoin)."""
@@ -976,10 +1047,13 @@ class Rendezvous:
             [Op.txn([Compare.create_revision(key, "==", 0)], [put], [Op.get(key)])],
         )
 
-    def _commit(self, action: m.CommitRound) -> None:
+    def _commit(self, action: m.CommitRound) -> m.Event | None:
+        """Commit the round in one txn guarded on the previous round and on our leader
+        lease: a resend after a lost reply fails its guard (reported as CommitLost) and the
+        resync that follows reads whether the first attempt was applied."""
         keys = self.keys
         if self._leader_lease is None:
-            return  # our leadership expired: the watch will say who leads now
+            return m.CommitLost()  # our leadership expired: the resync says who leads now
         record = dataclasses.replace(action.record, time=_utc_now())
         guard = (
             Compare.create_revision(keys.round, "==", 0)
@@ -1003,9 +1077,9 @@ class Rendezvous:
                 record.completion,
                 record.reason,
             )
-        else:
-            log.debug("commit of round %d lost a race; resyncing", record.round)
-            self._resync(m.scope(self.config, self._state))
+            return None
+        log.debug("commit of round %d lost a race; resyncing", record.round)
+        return m.CommitLost()
 
     def _put_closed(self) -> None:
         self._etcd(
