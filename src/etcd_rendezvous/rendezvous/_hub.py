@@ -8,7 +8,7 @@ threads, and open far more concurrent requests than the client's connection pool
 
 * one watch on the run's ``ctl/`` prefix and one thread that reads it in batches and
   hands every batch to each attached node (the leader is detached: it watches the whole
-  run prefix itself, see ``engine.py``);
+  run prefix itself, see ``_leader.py``);
 * one keep-alive thread for every node lease (:class:`LeaseKeeper`);
 * a semaphore bounding concurrent etcd requests to the size of the connection pool;
 * what it learned of the leader key, so that N nodes seeing a vacancy send one

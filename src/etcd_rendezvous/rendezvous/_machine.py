@@ -86,11 +86,20 @@ finishes when its synced state shows the round complete, even past the deadline.
 ``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
 ``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
 
-Executor (``engine.py``, ``_hub.py``): the nodes of one run on one client share one
-``ctl/`` watch, one keep-alive thread and a bounded number of concurrent requests; the
-leader alone watches the whole prefix, from its own decision loop, and feeds each watch
-read to :meth:`Machine.step_batch` (one evaluation per batch). Transient etcd errors are
-retried (``Retry``); only a retry that gives up reaches the callers.
+Executor (``engine.py`` public API, ``_executor.py`` actions, ``_leader.py`` decision
+loop, ``_hub.py`` shared reader): the nodes of one run on one client share one ``ctl/``
+watch, one keep-alive thread and a bounded number of concurrent requests; the leader
+alone watches the whole prefix, from its own decision loop, and feeds each watch read
+to :meth:`Machine.step_batch` (one evaluation per batch). Transient etcd errors are
+retried (``Retry``, cut short by a waiting join's deadline); only a retry that gives up
+reaches the callers.
+
+Outcomes: the machine decides, the executor carries out and reports. An action whose
+result matters comes back as an event: ``PutNodeFailed`` (the join fails at once, and a
+put whose reply was lost is undone by a guarded delete), ``NodeKeyDeleted`` /
+``DeleteRefused`` / ``DeleteFailed`` (a timed-out join fails only once its guarded
+deletion is done; refused because a round with us was committed, it takes that round),
+``CommitLost`` (the leader reads again).
 
 Costs: each node writes O(1) keys per round (its node key, perhaps one leader-create
 txn); nobody rewrites anyone else's state. Only the leader watches ``nodes/``
@@ -100,7 +109,7 @@ call, status debounce) are deadlines returned by :func:`next_deadline`.
 
 This module does no I/O and reads no clock: ``now`` (monotonic seconds) comes with
 every event. Transitions are the rows of :data:`TRANSITIONS`; the executor in
-``engine.py`` performs the returned actions and feeds back what etcd said.
+``_executor.py`` performs the returned actions and feeds back what etcd said.
 """
 
 from __future__ import annotations
