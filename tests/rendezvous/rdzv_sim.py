@@ -158,6 +158,9 @@ class World:
             if stored is not None and stored.owner == node.node_id:
                 self._delete(keys.node(node.node_id))
             return m.NodeKeyDeleted()
+        elif isinstance(action, m.RevokeStale):
+            # never asked for: restart() below revokes the old incarnation's lease itself
+            raise InvariantError(f"{node.node_id} revoked a stale lease nobody held")
         elif isinstance(action, m.RevokeLease):
             key = keys.node(node.node_id)
             stored = self.store.get(key)

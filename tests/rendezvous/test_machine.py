@@ -213,6 +213,22 @@ CASES = [
         actions=(m.Fail,),
     ),
     Case("put-failed-late", st(phase=m.Phase.LEFT), m.PutNodeFailed("connection lost", True)),
+    # our previous incarnation (restarted under the same id) holds our key: revoke, put
+    Case(
+        "put-held",
+        st(phase=m.Phase.JOINING, join_deadline=5.0),
+        m.NodeKeyHeld(0x1234),
+        actions=(m.RevokeStale, m.PutNode),
+    ),
+    # ... and once more after that: another process uses our node id
+    Case(
+        "put-held-again",
+        st(phase=m.Phase.JOINING, join_deadline=5.0, stale_revoked=True),
+        m.NodeKeyHeld(0x5678),
+        phase=m.Phase.IDLE,
+        actions=(m.Fail,),
+    ),
+    Case("put-held-late", st(phase=m.Phase.IDLE), m.NodeKeyHeld(0x1234)),
     Case(
         "timeout-deleted",
         st(phase=m.Phase.IDLE, timed_out=True, deleting=True),

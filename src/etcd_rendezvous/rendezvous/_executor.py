@@ -89,6 +89,17 @@ class Executor(Core):
                     self._etcd_with(
                         Retry(deadline=float(self.lease_ttl), max_delay=0.5), lease.revoke
                     )
+        elif isinstance(action, m.RevokeStale):
+            log.warning(
+                "node %s restarted: revoking its previous lease %x", self.node_id, action.lease
+            )
+            try:
+                with contextlib.suppress(EtcdLeaseNotFoundError):
+                    self._etcd(self._client.lease_revoke, action.lease)
+            except EtcdClientError as exc:  # the put that follows finds the key held still
+                log.warning(
+                    "node %s could not revoke lease %x: %s", self.node_id, action.lease, exc
+                )
         elif isinstance(action, m.AcquireLeadership):
             self._acquire()
         elif isinstance(action, m.Resync):
@@ -257,7 +268,7 @@ class Executor(Core):
         Every write here is guarded (our lease, or an absent key) or revokes first, so a
         resend after a lost reply cannot put a stale record over a newer one."""
         try:
-            self._put_node_once(action)
+            outcome = self._put_node_once(action)
         except (EtcdClientError, RendezvousError) as exc:
             maybe = isinstance(exc, EtcdUnavailableError | EtcdTimeoutError)
             log.warning(
@@ -268,9 +279,9 @@ class Executor(Core):
             )
             self._cause = exc
             return m.PutNodeFailed(str(exc), maybe_applied=maybe)
-        return None
+        return outcome
 
-    def _put_node_once(self, action: m.PutNode) -> None:
+    def _put_node_once(self, action: m.PutNode) -> m.Event | None:
         lease = self._lease if self._lease is not None and self._lease_ok() else self._new_lease()
         key = self.keys.node(self.node_id)
         try:
@@ -284,28 +295,19 @@ class Executor(Core):
             lease.close()
             lease = self._new_lease()
             response = self._put_node_txn(key, action.record, lease.id)
-        lease_id = lease.id
         inner = response.responses[0] if response.responses else None
         if response.succeeded or (isinstance(inner, TxnResponse) and inner.succeeded):
-            return
+            return None
         held = inner.responses[0] if isinstance(inner, TxnResponse) and inner.responses else None
         old = held.kvs[0].lease if isinstance(held, RangeResponse) and held.kvs else 0
         if old:
-            # The same node id under another lease: our previous incarnation (a restart).
-            # Revoke it so that its key vanishes now, not at expiry.
-            log.warning("node %s restarted: revoking its previous lease %x", self.node_id, old)
-            with contextlib.suppress(EtcdLeaseNotFoundError):
-                self._etcd(self._client.lease_revoke, old)
-        # Guarded again (ours or absent), never a blind put: a resend after a lost reply,
-        # or a third incarnation that got in first, cannot be overwritten.
-        response = self._put_node_txn(key, action.record, lease_id)
-        inner = response.responses[0] if response.responses else None
-        if not (response.succeeded or (isinstance(inner, TxnResponse) and inner.succeeded)):
-            raise RendezvousError(
-                f"node id {self.node_id!r} of rendezvous {self.run_id!r} is in use by another "
-                "process (its key came back under another lease): give each node its own id",
-                run_id=self.run_id,
-            )
+            # The same node id under another lease: our previous incarnation (a restart);
+            # the machine decides (row put-held: revoke it, then put ours, guarded again).
+            return m.NodeKeyHeld(old)
+        return m.PutNodeFailed(
+            f"{key!r} exists without a lease: it was not written by a node of this "
+            "rendezvous; delete it or use another node id"
+        )
 
     def _put_node_txn(self, key: str, record: NodeRecord, lease_id: int) -> TxnResponse:
         """Put our key if it is ours or absent (one request for a first join or a rejoin)."""

@@ -315,6 +315,14 @@ class PutNodeFailed:
 
 
 @dataclass(frozen=True)
+class NodeKeyHeld:
+    """``PutNode`` found our node id's key under another ``lease``: a previous incarnation
+    of this node (restarted under the same id) still holds it."""
+
+    lease: int
+
+
+@dataclass(frozen=True)
 class NodeKeyDeleted:
     """``DeleteNode`` done: our key is gone (or was not there)."""
 
@@ -355,6 +363,7 @@ Event = (
     | LeaderChanged
     | Evaluate
     | PutNodeFailed
+    | NodeKeyHeld
     | NodeKeyDeleted
     | DeleteRefused
     | DeleteFailed
@@ -384,6 +393,13 @@ class RevokeLease:
     """Revoke the node lease; first put ``farewell`` (our key, marked left) if given."""
 
     farewell: NodeRecord | None = None
+
+
+@dataclass(frozen=True)
+class RevokeStale:
+    """Revoke a previous incarnation's ``lease``: its keys vanish now, not at expiry."""
+
+    lease: int
 
 
 @dataclass(frozen=True)
@@ -441,6 +457,7 @@ Action = (
     PutNode
     | DeleteNode
     | RevokeLease
+    | RevokeStale
     | AcquireLeadership
     | Resync
     | CommitRound
@@ -483,6 +500,7 @@ class State:
     probed: frozenset[str] = frozenset()  # late members of the last round already probed
     timed_out: bool = False  # our join just timed out (a round may have included us)
     deleting: bool = False  # that join's key deletion is under way: its outcome decides
+    stale_revoked: bool = False  # this join revoked a previous incarnation's lease
 
     @property
     def round_number(self) -> int:
@@ -740,6 +758,7 @@ def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[St
         spare=False,
         timed_out=False,
         deleting=False,
+        stale_revoked=False,
     )
     return state, [PutNode(record)]
 
@@ -839,6 +858,31 @@ def _put_failed(cfg: Config, state: State, event: Event, now: float) -> tuple[St
     actions: list[Action] = [DeleteNode()] if event.maybe_applied else []
     actions.append(Fail(Failure.ETCD, f"could not write its node key: {event.reason}"))
     return replace(state, join_deadline=None, nodes=_without_me(cfg, state)), actions
+
+
+def _not_stale_revoked(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return not state.stale_revoked
+
+
+def _put_held(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """A previous incarnation of this node (restarted under the same id) holds our key:
+    revoke its lease, so that it and any leadership it holds vanish now, then put ours."""
+    if not isinstance(event, NodeKeyHeld):
+        raise TypeError(event)
+    record = NodeRecord(
+        node_id=cfg.node_id, seen=state.round_number, data=state.join_data, probe=cfg.probe
+    )
+    return replace(state, stale_revoked=True), [RevokeStale(event.lease), PutNode(record)]
+
+
+def _put_held_again(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    message = (
+        "its node id is in use by another process (the key came back under another lease "
+        "after the previous one was revoked): give each node its own id"
+    )
+    return replace(state, join_deadline=None), [Fail(Failure.ETCD, message)]
 
 
 def _commit_lost(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
@@ -1198,6 +1242,9 @@ TRANSITIONS: tuple[Row, ...] = (
     # what the executor reports of the actions it performed
     Row("put-failed", _p(JOINING), PutNodeFailed, _always, IDLE, _put_failed),
     Row("put-failed-late", ANY, PutNodeFailed, _always, None, _nothing),
+    Row("put-held", _p(JOINING), NodeKeyHeld, _not_stale_revoked, None, _put_held),
+    Row("put-held-again", _p(JOINING), NodeKeyHeld, _always, IDLE, _put_held_again),
+    Row("put-held-late", ANY, NodeKeyHeld, _always, None, _nothing),
     Row("timeout-deleted", _p(IDLE), NodeKeyDeleted, _deleting, None, _timeout_deleted),
     Row("deleted", ANY, NodeKeyDeleted, _always, None, _nothing),
     Row("timeout-refused", _p(IDLE), DeleteRefused, _refused_with_me, MEMBER, _timeout_refused),
