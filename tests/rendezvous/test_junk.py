@@ -296,3 +296,12 @@ def test_a_dead_thread_fails_the_join_with_its_cause(
         clock.armed.clear()
         a.leave()
         b.leave()
+
+
+def test_an_oversized_value_is_refused_before_parsing() -> None:
+    """Larger than etcd's request limit allows by default: not parsed at all."""
+    key = Keys("job").status
+    value = b'{"format": 1, "kind": "status", "x": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    with pytest.raises(RendezvousStateError, match="bytes long") as info:
+        decode(value, key=key, run_id="job")
+    assert info.value.key == key and len(str(info.value)) < 1000
