@@ -48,7 +48,8 @@ class SimNode:
     started: bool = False
     paused: bool = False  # SIGSTOPped: sees nothing, does nothing
     lease_expired: bool = False  # its lease expired while paused (noticed after resuming)
-    late_round: m.RoundCommitted | None = None  # found by a timed-out join's guarded delete
+    refuse: int = 0  # etcd refuses this many of its next node-key puts (e.g. permissions)
+    lost_reply: int = 0  # this many of its next node-key puts apply, but the reply is lost
     assignments: list[m.Assignment] = dataclasses.field(default_factory=list)
     failures: list[m.Failure] = dataclasses.field(default_factory=list)
     changes: list[m.Change] = dataclasses.field(default_factory=list)
@@ -126,28 +127,40 @@ class World:
     # --- executing a node's actions ----------------------------------------------------
 
     def feed(self, node: SimNode, event: m.Event) -> None:
+        """Step ``node``'s machine, perform its actions, then report their outcomes (as
+        the executor does)."""
         node.state, actions = node.machine.step(node.state, event, self.now)
-        for action in actions:
-            self._execute(node, action)
+        outcomes = [o for action in actions if (o := self._execute(node, action)) is not None]
+        for outcome in outcomes:
+            self.feed(node, outcome)
 
-    def _execute(self, node: SimNode, action: m.Action) -> None:
+    def _execute(self, node: SimNode, action: m.Action) -> m.Event | None:
         keys = self.keys
         if isinstance(action, m.PutNode):
+            if node.refuse:
+                node.refuse -= 1
+                return m.PutNodeFailed("permission denied")
             node.lease = True  # the executor grants a lease before the first put
             self._put(keys.node(node.node_id), encode(action.record), node.node_id)
+            if node.lost_reply:
+                node.lost_reply -= 1
+                return m.PutNodeFailed("connection lost", maybe_applied=True)
         elif isinstance(action, m.DeleteNode):
-            # guarded as the executor guards it: a newer round with us in it is taken
+            # guarded as the executor guards it: a newer round with us in it refuses it
             stored_round = self.store.get(keys.round)
             mod = stored_round.mod if stored_round else 0
             if action.if_round_revision is not None and mod != action.if_round_revision:
                 assert stored_round is not None
                 record = decode(stored_round.value, key="round")
                 if isinstance(record, RoundRecord) and node.node_id in record.members:
-                    node.late_round = m.RoundCommitted(record, mod)
-                    return
+                    return m.DeleteRefused(record, mod)
             stored = self.store.get(keys.node(node.node_id))
             if stored is not None and stored.owner == node.node_id:
                 self._delete(keys.node(node.node_id))
+            return m.NodeKeyDeleted()
+        elif isinstance(action, m.RevokeStale):
+            # never asked for: restart() below revokes the old incarnation's lease itself
+            raise InvariantError(f"{node.node_id} revoked a stale lease nobody held")
         elif isinstance(action, m.RevokeLease):
             key = keys.node(node.node_id)
             stored = self.store.get(key)
@@ -161,7 +174,7 @@ class World:
         elif isinstance(action, m.Resync):
             self._resync(node, action.scope)
         elif isinstance(action, m.CommitRound):
-            self._commit(node, action)
+            return self._commit(node, action)
         elif isinstance(action, m.PublishStatus):
             leader = self.store.get(keys.leader)
             if leader is not None and leader.owner == node.node_id:
@@ -184,17 +197,15 @@ class World:
         elif isinstance(action, m.Deliver):
             self._check_assignment(node, action.assignment)
             node.assignments.append(action.assignment)
-        elif isinstance(action, m.Fail) and node.late_round is not None:
-            late, node.late_round = node.late_round, None
-            self.feed(node, late)  # the join timed out as a round took it: it is a member
         elif isinstance(action, m.Fail):
             node.failures.append(action.failure)
         elif isinstance(action, m.Notify):
             node.changes.append(action.change)
         else:  # pragma: no cover
             raise AssertionError(action)
+        return None
 
-    def _commit(self, node: SimNode, action: m.CommitRound) -> None:
+    def _commit(self, node: SimNode, action: m.CommitRound) -> m.Event | None:
         keys = self.keys
         current = self.store.get(keys.round)
         leader = self.store.get(keys.leader)
@@ -204,11 +215,11 @@ class World:
             and leader.owner == node.node_id
         )
         if not ok:
-            self._resync(node, m.scope(node.machine.config, node.state))
-            return
+            return m.CommitLost()
         self._check_commit(action.record)
         self.commits[action.record.round] = action.record
         self._put(keys.round, encode(action.record), None)
+        return None
 
     # --- invariants -----------------------------------------------------------------
 
@@ -327,6 +338,14 @@ class World:
                 deadline = m.next_deadline(node.machine.config, node.state)
                 if deadline is not None and deadline <= self.now:
                     self.feed(node, m.Tick())
+
+    def refuse_put(self, node_id: str) -> None:
+        """etcd refuses ``node_id``'s next node-key put (permissions, a full disk)."""
+        self.nodes[node_id].refuse += 1
+
+    def lose_put_reply(self, node_id: str) -> None:
+        """``node_id``'s next node-key put is applied, but its reply is lost."""
+        self.nodes[node_id].lost_reply += 1
 
     def kill(self, node_id: str) -> None:
         node = self.nodes[node_id]

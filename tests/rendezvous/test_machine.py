@@ -86,7 +86,7 @@ CASES = [
         m.Tick(),
         now=5.0,
         phase=m.Phase.IDLE,
-        actions=(m.DeleteNode, m.Fail),
+        actions=(m.DeleteNode,),  # the deletion's outcome decides (timeout-* rows)
     ),
     # a hot spare is exempt from the join timeout (torch's redundancy list)
     Case(
@@ -203,6 +203,69 @@ CASES = [
         phase=m.Phase.MEMBER,
         actions=(m.Deliver, m.Notify),
     ),
+    # --- outcomes the executor reports ---
+    # etcd refused our node key: the join fails now, not at its timeout
+    Case(
+        "put-failed",
+        st(phase=m.Phase.JOINING, join_deadline=5.0),
+        m.PutNodeFailed("permission denied"),
+        phase=m.Phase.IDLE,
+        actions=(m.Fail,),
+    ),
+    Case("put-failed-late", st(phase=m.Phase.LEFT), m.PutNodeFailed("connection lost", True)),
+    # our previous incarnation (restarted under the same id) holds our key: revoke, put
+    Case(
+        "put-held",
+        st(phase=m.Phase.JOINING, join_deadline=5.0),
+        m.NodeKeyHeld(0x1234),
+        actions=(m.RevokeStale, m.PutNode),
+    ),
+    # ... and once more after that: another process uses our node id
+    Case(
+        "put-held-again",
+        st(phase=m.Phase.JOINING, join_deadline=5.0, stale_revoked=True),
+        m.NodeKeyHeld(0x5678),
+        phase=m.Phase.IDLE,
+        actions=(m.Fail,),
+    ),
+    Case("put-held-late", st(phase=m.Phase.IDLE), m.NodeKeyHeld(0x1234)),
+    Case(
+        "timeout-deleted",
+        st(phase=m.Phase.IDLE, timed_out=True, deleting=True),
+        m.NodeKeyDeleted(),
+        actions=(m.Fail,),
+    ),
+    Case("deleted", st(phase=m.Phase.IDLE), m.NodeKeyDeleted()),
+    # the timed-out join's guarded deletion found a round with us: take it
+    Case(
+        "timeout-refused",
+        st(phase=m.Phase.IDLE, timed_out=True, deleting=True, round_revision=4),
+        m.DeleteRefused(ROUND1, 9),
+        phase=m.Phase.MEMBER,
+        actions=(m.Deliver, m.Notify),
+    ),
+    Case(
+        "timeout-refused-other",
+        st(phase=m.Phase.IDLE, timed_out=True, deleting=True, round_revision=4),
+        m.DeleteRefused(ROUND1_FULL, 9),
+        actions=(m.Fail,),
+    ),
+    Case("delete-refused", st(phase=m.Phase.MEMBER), m.DeleteRefused(ROUND1, 9)),
+    Case(
+        "timeout-delete-failed",
+        st(phase=m.Phase.IDLE, timed_out=True, deleting=True),
+        m.DeleteFailed("etcd unreachable"),
+        actions=(m.Fail,),
+    ),
+    Case("delete-failed", st(phase=m.Phase.IDLE), m.DeleteFailed("etcd unreachable")),
+    # our commit lost its guard: read again (a newer round, or another leader)
+    Case(
+        "commit-lost",
+        dataclasses.replace(LEADER_FORMING, committing=1),
+        m.CommitLost(),
+        actions=(m.Resync,),
+    ),
+    Case("commit-lost-done", st(phase=m.Phase.LEFT), m.CommitLost()),
     # a member rejoined while others still run round 1: the leader probes the late ones
     Case(
         "probe-stragglers",
@@ -437,8 +500,10 @@ def test_a_join_timeout_deletes_the_key_only_if_no_newer_round_exists() -> None:
     state = st(phase=m.Phase.JOINING, join_deadline=5.0, round=ROUND1, round_revision=4)
     state, actions = machine.step(state, m.Tick(), 6.0)
     assert state.phase is m.Phase.IDLE and state.timed_out
-    assert actions[0] == m.DeleteNode(if_round_revision=4)
-    assert isinstance(actions[1], m.Fail) and actions[1].failure is m.Failure.TIMEOUT
+    assert actions == [m.DeleteNode(if_round_revision=4)]
+    state, actions = machine.step(state, m.NodeKeyDeleted(), 6.0)
+    assert len(actions) == 1 and isinstance(actions[0], m.Fail)
+    assert actions[0].failure is m.Failure.TIMEOUT
     # a later round without us changes nothing
     other = RoundRecord(round=2, members=("b", "c"), leader="b")
     state, actions = machine.step(state, m.RoundCommitted(other, 9), 6.1)
@@ -446,3 +511,28 @@ def test_a_join_timeout_deletes_the_key_only_if_no_newer_round_exists() -> None:
     # a fresh join clears the mark
     state, _ = machine.step(state, m.Join(20.0), 7.0)
     assert not state.timed_out
+
+
+# --- outcomes of actions (issue 10 item 5) ------------------------------------------------
+
+
+def test_a_refused_node_key_put_leaves_no_join_behind() -> None:
+    """The put failed: the node is idle again, so the next join writes its key (before,
+    it stayed "joining" without a key and the next join only extended its deadline)."""
+    machine = m.Machine(dataclasses.replace(CFG, min_nodes=1))
+    state, actions = machine.step(st(), m.Join(5.0), 0.0)
+    assert [type(a) for a in actions] == [m.PutNode]
+    state, actions = machine.step(state, m.PutNodeFailed("permission denied"), 0.1)
+    assert state.phase is m.Phase.IDLE and state.join_deadline is None
+    assert len(actions) == 1 and isinstance(actions[0], m.Fail)
+    assert actions[0].failure is m.Failure.ETCD and "permission denied" in actions[0].message
+    state, actions = machine.step(state, m.Join(10.0), 1.0)
+    assert state.phase is m.Phase.JOINING and [type(a) for a in actions] == [m.PutNode]
+
+
+def test_a_put_whose_reply_was_lost_is_undone() -> None:
+    machine = m.Machine(CFG)
+    state, _ = machine.step(st(), m.Join(5.0), 0.0)
+    state, actions = machine.step(state, m.PutNodeFailed("connection lost", True), 0.1)
+    assert [type(a) for a in actions] == [m.DeleteNode, m.Fail]
+    assert actions[0] == m.DeleteNode()  # guarded on our lease: harmless if not applied

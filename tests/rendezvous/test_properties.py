@@ -142,6 +142,8 @@ fault_op = st.one_of(
     st.tuples(st.just("rejoin"), st.sampled_from(NODES)),
     st.tuples(st.just("crash"), st.sampled_from(NODES)),
     st.tuples(st.just("expire_dead"), st.sampled_from(NODES)),
+    st.tuples(st.just("refuse_put"), st.sampled_from(NODES)),
+    st.tuples(st.just("lose_put_reply"), st.sampled_from(NODES)),
     st.tuples(st.just("agents"), st.just(0)),
 )
 
@@ -166,7 +168,16 @@ def run_faults(world: rdzv_sim.World, ops: list[tuple[str, object]]) -> None:
             for node in world.live():
                 if node.state.phase is m.Phase.MEMBER and world._should_rejoin(node):
                     world.start(node.node_id)
-        elif name in ("pause", "expire_paused", "resume", "restart", "crash", "expire_dead"):
+        elif name in (
+            "pause",
+            "expire_paused",
+            "resume",
+            "restart",
+            "crash",
+            "expire_dead",
+            "refuse_put",
+            "lose_put_reply",
+        ):
             getattr(world, name)(str(arg))
         else:
             run(world, [(name, arg)])
@@ -276,3 +287,36 @@ def test_a_join_timing_out_as_its_round_commits_takes_the_round() -> None:
     assert [a.round for a in n1.assignments] == [1]
     assert n1.state.phase is m.Phase.MEMBER
     assert world.keys.node("n1") in world.store  # still a member: its key stays
+
+
+def test_a_refused_put_fails_the_join_and_the_next_join_gets_the_round() -> None:
+    """Issue 10 item 5 in the model: the refused node is idle (no key, no round counts
+    it) and its next join writes the key and completes the round."""
+    world = rdzv_sim.World(["n0", "n1"], min_nodes=2, max_nodes=2)
+    world.refuse_put("n1")
+    world.start("n0")
+    world.start("n1")
+    drain(world)  # no time passes: n0 still waits for a second node
+    n1 = world.nodes["n1"]
+    assert n1.failures == [m.Failure.ETCD]
+    assert n1.state.phase is m.Phase.IDLE and world.keys.node("n1") not in world.store
+    assert not world.commits
+    world.start("n1")
+    drain(world)
+    assert world.commits[1].members == ("n0", "n1")
+    assert [a.round for a in n1.assignments] == [1]
+    assert world.nodes["n0"].failures == []
+
+
+def test_a_put_whose_reply_was_lost_leaves_no_key_behind() -> None:
+    """The put was applied but its reply lost: the machine undoes it (a guarded delete),
+    so no round counts a node whose caller was told its join failed."""
+    world = rdzv_sim.World(["n0", "n1"], min_nodes=1, max_nodes=2, last_call_timeout=1.0)
+    world.lose_put_reply("n1")
+    world.start("n1")
+    n1 = world.nodes["n1"]
+    assert n1.failures == [m.Failure.ETCD]
+    assert world.keys.node("n1") not in world.store
+    world.start("n0")
+    world.settle(agents=False)
+    assert world.commits[1].members == ("n0",)

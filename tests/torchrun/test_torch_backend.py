@@ -33,6 +33,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 
 from etcd_rendezvous.client import EtcdClient
 from etcd_rendezvous.errors import EtcdClientError
+from etcd_rendezvous.server import EtcdServer
 from etcd_rendezvous.torchrun import EtcdRendezvousBackend
 from etcd_rendezvous.torchrun.backend import decode_state, encode_state
 
@@ -326,3 +327,102 @@ def test_connection_errors_are_translated_with_cause(dead_client: EtcdClient) ->
         assert isinstance(info.value.__cause__, EtcdClientError)
         assert "'gone'" in str(info.value)
         assert dead_client.endpoints[0] in str(info.value)
+
+
+# -- planted states: every field of torch's state is checked (issue 10 item 6) ------------
+
+
+def _planted(**fields: Any) -> bytes:
+    """A real state with ``fields`` replaced; ``node_*`` replace fields of its participant."""
+    state = _RendezvousState()
+    node = _NodeDesc("host-a", 1234, 0)
+    state.participants[node] = 0
+    state.last_heartbeats[node] = datetime.now(timezone.utc)
+    node_fields = {k[5:]: v for k, v in fields.items() if k.startswith("node_")}
+    if node_fields:
+        planted = _NodeDesc("host-p", 1, 0)
+        for name, value in node_fields.items():
+            object.__setattr__(planted, name, value)  # frozen: as a hostile writer would
+        state.wait_list.add(planted)
+    for name, value in fields.items():
+        if not name.startswith("node_"):
+            if value is _MISSING:
+                delattr(state, name)
+            else:
+                setattr(state, name, value)
+    return pickle.dumps(state)
+
+
+_MISSING = object()
+_NODE = _NodeDesc("host-b", 99, 1)
+_NOW = datetime.now(timezone.utc)
+PLANTED: dict[str, tuple[dict[str, Any], str]] = {
+    "string-rank": (dict(participants={_NODE: "0"}), "rank of participant"),
+    "bool-rank": (dict(participants={_NODE: True}), "rank of participant"),
+    "negative-rank": (dict(participants={_NODE: -1}), "rank of participant"),
+    "participant-not-a-node": (dict(participants={"host-b_99_1": 0}), "node descriptor"),
+    "participants-a-list": (dict(participants=[_NODE]), "'participants' must be a dict"),
+    "round-a-string": (dict(round="1"), "'round'"),
+    "round-a-bool": (dict(round=True), "'round'"),
+    "complete-an-int": (dict(complete=1), "'complete' must be a bool"),
+    "closed-a-string": (dict(closed="no"), "'closed' must be a bool"),
+    "deadline-a-float": (dict(deadline=1.5), "'deadline' must be a datetime"),
+    "deadline-naive": (dict(deadline=datetime(2026, 1, 1)), "timezone-aware"),
+    "wait-list-a-list": (dict(wait_list=[_NODE]), "'wait_list' must be a set"),
+    "wait-list-of-strings": (dict(wait_list={"x"}), "node of 'wait_list'"),
+    "redundancy-list-a-dict": (dict(redundancy_list={}), "'redundancy_list' must be a set"),
+    "heartbeat-a-float": (dict(last_heartbeats={_NODE: 1.5}), "last heartbeat"),
+    "heartbeat-naive": (dict(last_heartbeats={_NODE: datetime(2026, 1, 1)}), "timezone-aware"),
+    "heartbeats-a-list": (dict(last_heartbeats=[]), "'last_heartbeats' must be a dict"),
+    "field-missing": (dict(participants=_MISSING), "'participants' is missing"),
+    "node-pid-a-string": (dict(node_pid="1"), "pid of"),
+    "node-local-id-a-float": (dict(node_local_id=0.5), "local_id of"),
+    "node-addr-an-int": (dict(node_addr=7), "string addr"),
+    "nested-deep": (dict(participants={_NODE: 0}, round=[[[[[]]]]]), "'round'"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_planted_states_with_wrong_types_are_refused(etcd_client: EtcdClient, case: str) -> None:
+    fields, message = PLANTED[case]
+    b = EtcdRendezvousBackend(etcd_client, "planted")
+    etcd_client.put(b.key, encode_state(_planted(**fields)))
+    with pytest.raises(RendezvousStateError, match="not written by this backend") as info:
+        b.get_state()
+    assert message in str(info.value), info.value
+    assert "'planted'" in str(info.value)  # names the run
+    with pytest.raises(RendezvousStateError):  # a CAS against it fails the same clear way
+        b.set_state(_real_state(), 1)
+
+
+def test_a_planted_string_rank_fails_next_rendezvous_within_its_timeout(
+    etcd_server: EtcdServer, key_prefix: str
+) -> None:
+    """It hung ``next_rendezvous()`` past its join timeout; now torch never sees it."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from etcd_rendezvous.torchrun.plugin import create_rdzv_handler
+
+    run_id = f"planted-{time.monotonic_ns()}"
+    params = RendezvousParameters(
+        "etcd-v3-dynamic",
+        etcd_server.endpoint,
+        run_id,
+        2,
+        2,
+        key_prefix=key_prefix,
+        join_timeout="5",
+        last_call_timeout="1",
+    )
+    handler = create_rdzv_handler(params)
+    with etcd_server.get_client() as client:
+        key = EtcdRendezvousBackend(client, run_id, key_prefix).key
+        client.put(key, encode_state(_planted(participants={_NODE: "0"})))
+    start = time.monotonic()
+    try:
+        with pytest.raises(RendezvousStateError, match="rank of participant"):
+            handler.next_rendezvous()
+    finally:
+        handler.shutdown()
+    took = time.monotonic() - start
+    assert took < 5 + 5, f"next_rendezvous took {took:.1f}s"

@@ -8,7 +8,7 @@ threads, and open far more concurrent requests than the client's connection pool
 
 * one watch on the run's ``ctl/`` prefix and one thread that reads it in batches and
   hands every batch to each attached node (the leader is detached: it watches the whole
-  run prefix itself, see ``engine.py``);
+  run prefix itself, see ``_leader.py``);
 * the node leases, all kept alive by the client's one keep-alive loop (:class:`LeaseKeeper`);
 * a semaphore bounding concurrent etcd requests to the size of the connection pool;
 * what it learned of the leader key, so that N nodes seeing a vacancy send one
@@ -32,6 +32,7 @@ from etcd_rendezvous.rendezvous._errors import RendezvousError
 from etcd_rendezvous.rendezvous._machine import Event, LeaderChanged
 from etcd_rendezvous.rendezvous._observe import key_event
 from etcd_rendezvous.rendezvous._records import ConfigRecord, Keys
+from etcd_rendezvous.rendezvous._threads import guarded
 
 if TYPE_CHECKING:
     from etcd_rendezvous.rendezvous.engine import Rendezvous
@@ -117,8 +118,8 @@ class Hub:
         with self._lock:
             if self._thread is None:
                 self._watch = self._open_watch()  # before any node reads: nothing is missed
-                self._thread = threading.Thread(
-                    target=self._run, name=f"rendezvous-hub {self.keys.run_id}", daemon=True
+                self._thread = guarded(
+                    self._run, self._died, name=f"rendezvous-hub {self.keys.run_id}"
                 )
                 self._thread.start()
             self._registered.add(node)
@@ -185,6 +186,17 @@ class Hub:
                 nodes = list(self._attached)
             for node in nodes:
                 node._take(batch)
+
+    def _died(self, exc: BaseException) -> None:
+        """The reader thread raised: fail every node of the hub with the cause, and stop."""
+        with self._lock:
+            nodes = list(self._registered)
+            self._stopping.set()
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        for node in nodes:
+            node._hub_failed(exc)
 
     def _read(self, watch: Watch) -> Batch:
         """Everything the watch has ready (waiting up to 1 s for the first event)."""

@@ -86,11 +86,20 @@ finishes when its synced state shows the round complete, even past the deadline.
 ``close()`` creates ``ctl/closed``; every node sees it: joiners fail with
 ``RendezvousClosedError`` (``RendezvousGracefulExitError`` for spares).
 
-Executor (``engine.py``, ``_hub.py``): the nodes of one run on one client share one
-``ctl/`` watch, one keep-alive thread and a bounded number of concurrent requests; the
-leader alone watches the whole prefix, from its own decision loop, and feeds each watch
-read to :meth:`Machine.step_batch` (one evaluation per batch). Transient etcd errors are
-retried (``Retry``); only a retry that gives up reaches the callers.
+Executor (``engine.py`` public API, ``_executor.py`` actions, ``_leader.py`` decision
+loop, ``_hub.py`` shared reader): the nodes of one run on one client share one ``ctl/``
+watch, one keep-alive thread and a bounded number of concurrent requests; the leader
+alone watches the whole prefix, from its own decision loop, and feeds each watch read
+to :meth:`Machine.step_batch` (one evaluation per batch). Transient etcd errors are
+retried (``Retry``, cut short by a waiting join's deadline); only a retry that gives up
+reaches the callers.
+
+Outcomes: the machine decides, the executor carries out and reports. An action whose
+result matters comes back as an event: ``PutNodeFailed`` (the join fails at once, and a
+put whose reply was lost is undone by a guarded delete), ``NodeKeyDeleted`` /
+``DeleteRefused`` / ``DeleteFailed`` (a timed-out join fails only once its guarded
+deletion is done; refused because a round with us was committed, it takes that round),
+``CommitLost`` (the leader reads again).
 
 Costs: each node writes O(1) keys per round (its node key, perhaps one leader-create
 txn); nobody rewrites anyone else's state. Only the leader watches ``nodes/``
@@ -100,7 +109,7 @@ call, status debounce) are deadlines returned by :func:`next_deadline`.
 
 This module does no I/O and reads no clock: ``now`` (monotonic seconds) comes with
 every event. Transitions are the rows of :data:`TRANSITIONS`; the executor in
-``engine.py`` performs the returned actions and feeds back what etcd said.
+``_executor.py`` performs the returned actions and feeds back what etcd said.
 """
 
 from __future__ import annotations
@@ -207,6 +216,7 @@ class Failure(enum.Enum):
     GRACEFUL_EXIT = "graceful_exit"
     LEFT = "left"
     LEASE_LOST = "lease_lost"
+    ETCD = "etcd"  # etcd refused or did not answer a write the join needs
 
 
 # --- events ------------------------------------------------------------------------
@@ -293,6 +303,51 @@ class Evaluate:
     """Internal: re-evaluate the leader's duties after every other event."""
 
 
+# outcomes: what the executor reports back after performing an action
+
+
+@dataclass(frozen=True)
+class PutNodeFailed:
+    """``PutNode`` failed: etcd refused it, or no reply came (``maybe_applied``)."""
+
+    reason: str
+    maybe_applied: bool = False
+
+
+@dataclass(frozen=True)
+class NodeKeyHeld:
+    """``PutNode`` found our node id's key under another ``lease``: a previous incarnation
+    of this node (restarted under the same id) still holds it."""
+
+    lease: int
+
+
+@dataclass(frozen=True)
+class NodeKeyDeleted:
+    """``DeleteNode`` done: our key is gone (or was not there)."""
+
+
+@dataclass(frozen=True)
+class DeleteRefused:
+    """``DeleteNode`` found a newer round with us in it: the key stays, we are a member."""
+
+    record: RoundRecord
+    revision: int
+
+
+@dataclass(frozen=True)
+class DeleteFailed:
+    """``DeleteNode`` failed (etcd unreachable): the key goes with our lease."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class CommitLost:
+    """``CommitRound``'s txn failed its guard: another round was committed, or our
+    leadership (the leader key's lease) is gone."""
+
+
 Event = (
     Join
     | Leave
@@ -307,6 +362,12 @@ Event = (
     | ClosedSeen
     | LeaderChanged
     | Evaluate
+    | PutNodeFailed
+    | NodeKeyHeld
+    | NodeKeyDeleted
+    | DeleteRefused
+    | DeleteFailed
+    | CommitLost
 )
 
 # --- actions -----------------------------------------------------------------------
@@ -332,6 +393,13 @@ class RevokeLease:
     """Revoke the node lease; first put ``farewell`` (our key, marked left) if given."""
 
     farewell: NodeRecord | None = None
+
+
+@dataclass(frozen=True)
+class RevokeStale:
+    """Revoke a previous incarnation's ``lease``: its keys vanish now, not at expiry."""
+
+    lease: int
 
 
 @dataclass(frozen=True)
@@ -389,6 +457,7 @@ Action = (
     PutNode
     | DeleteNode
     | RevokeLease
+    | RevokeStale
     | AcquireLeadership
     | Resync
     | CommitRound
@@ -430,6 +499,8 @@ class State:
     collect_known: frozenset[str] | None = None  # pending when the last round stopped running
     probed: frozenset[str] = frozenset()  # late members of the last round already probed
     timed_out: bool = False  # our join just timed out (a round may have included us)
+    deleting: bool = False  # that join's key deletion is under way: its outcome decides
+    stale_revoked: bool = False  # this join revoked a previous incarnation's lease
 
     @property
     def round_number(self) -> int:
@@ -686,6 +757,8 @@ def _start_join(cfg: Config, state: State, event: Event, now: float) -> tuple[St
         assignment=None,
         spare=False,
         timed_out=False,
+        deleting=False,
+        stale_revoked=False,
     )
     return state, [PutNode(record)]
 
@@ -715,17 +788,106 @@ def _promote_spare(
     return replace(state, spare=False, join_deadline=now + state.join_timeout), []
 
 
-def _fail(failure: Failure, message: str, *, delete: bool = False) -> Effect:
+def _fail(failure: Failure, message: str) -> Effect:
     def effect(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
-        actions: list[Action] = [DeleteNode(state.round_revision)] if delete else []
-        actions.append(Fail(failure, message))
-        nodes = state.nodes
-        if delete and nodes is not None and cfg.node_id in nodes:  # a leader never admits
-            nodes = {n: e for n, e in nodes.items() if n != cfg.node_id}  # itself after this
-        return replace(state, join_deadline=None, nodes=nodes, timed_out=delete), actions
+        return replace(state, join_deadline=None), [Fail(failure, message)]
 
     effect.__name__ = f"fail_{failure.value}"
     return effect
+
+
+def _without_me(cfg: Config, state: State) -> Mapping[str, NodeEntry] | None:
+    """The leader's node table without us: a leader never admits itself after giving up."""
+    nodes = state.nodes
+    if nodes is not None and cfg.node_id in nodes:
+        return {n: e for n, e in nodes.items() if n != cfg.node_id}
+    return nodes
+
+
+def _join_timeout(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """Delete our key while no newer round exists; the deletion's outcome decides (rows
+    ``timeout-deleted``, ``timeout-refused``, ``timeout-delete-failed``)."""
+    state = replace(
+        state, join_deadline=None, nodes=_without_me(cfg, state), timed_out=True, deleting=True
+    )
+    return state, [DeleteNode(state.round_revision)]
+
+
+def _deleting(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return state.deleting
+
+
+def _timeout_deleted(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    return replace(state, deleting=False), [Fail(Failure.TIMEOUT, "join timed out")]
+
+
+def _timeout_delete_failed(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    if not isinstance(event, DeleteFailed):
+        raise TypeError(event)
+    message = f"join timed out (its node key could not be deleted: {event.reason})"
+    return replace(state, deleting=False), [Fail(Failure.TIMEOUT, message)]
+
+
+def _refused_with_me(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return (
+        state.deleting and isinstance(event, DeleteRefused) and cfg.node_id in event.record.members
+    )
+
+
+def _timeout_refused(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """The join timed out as a round with us was committed: take it (as torch does)."""
+    if not isinstance(event, DeleteRefused):
+        raise TypeError(event)
+    state = replace(state, deleting=False)
+    return _deliver(cfg, state, RoundCommitted(event.record, event.revision), now)
+
+
+def _put_failed(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """Our node key was not written: the join fails now (not at its timeout); a write that
+    may have been applied is undone (a guarded delete), so that no round counts us."""
+    if not isinstance(event, PutNodeFailed):
+        raise TypeError(event)
+    actions: list[Action] = [DeleteNode()] if event.maybe_applied else []
+    actions.append(Fail(Failure.ETCD, f"could not write its node key: {event.reason}"))
+    return replace(state, join_deadline=None, nodes=_without_me(cfg, state)), actions
+
+
+def _not_stale_revoked(cfg: Config, state: State, event: Event, now: float) -> bool:
+    return not state.stale_revoked
+
+
+def _put_held(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """A previous incarnation of this node (restarted under the same id) holds our key:
+    revoke its lease, so that it and any leadership it holds vanish now, then put ours."""
+    if not isinstance(event, NodeKeyHeld):
+        raise TypeError(event)
+    record = NodeRecord(
+        node_id=cfg.node_id, seen=state.round_number, data=state.join_data, probe=cfg.probe
+    )
+    return replace(state, stale_revoked=True), [RevokeStale(event.lease), PutNode(record)]
+
+
+def _put_held_again(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    message = (
+        "its node id is in use by another process (the key came back under another lease "
+        "after the previous one was revoked): give each node its own id"
+    )
+    return replace(state, join_deadline=None), [Fail(Failure.ETCD, message)]
+
+
+def _commit_lost(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """Our commit lost its guard: read again what is (a newer round, or another leader)."""
+    return replace(state, committing=0), [Resync(scope(cfg, state))]
 
 
 def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
@@ -1051,7 +1213,6 @@ IDLE, JOINING, MEMBER, CLOSED, LEFT = (
 
 _join_closed = _fail(Failure.CLOSED, "the rendezvous is closed")
 _join_left = _fail(Failure.LEFT, "the node left the rendezvous")
-_join_timeout = _fail(Failure.TIMEOUT, "join timed out", delete=True)
 _closed_spare = _closed(Failure.GRACEFUL_EXIT)
 _closed_joining = _closed(Failure.CLOSED)
 _closed_notify = _closed(None)
@@ -1078,6 +1239,21 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("node-deleted", ANY, NodeDeleted, _always, None, _nothing),
     Row("round-mine", _p(JOINING), RoundCommitted, _in_round, MEMBER, _deliver),
     Row("round-after-timeout", _p(IDLE), RoundCommitted, _in_round_after_timeout, MEMBER, _deliver),
+    # what the executor reports of the actions it performed
+    Row("put-failed", _p(JOINING), PutNodeFailed, _always, IDLE, _put_failed),
+    Row("put-failed-late", ANY, PutNodeFailed, _always, None, _nothing),
+    Row("put-held", _p(JOINING), NodeKeyHeld, _not_stale_revoked, None, _put_held),
+    Row("put-held-again", _p(JOINING), NodeKeyHeld, _always, IDLE, _put_held_again),
+    Row("put-held-late", ANY, NodeKeyHeld, _always, None, _nothing),
+    Row("timeout-deleted", _p(IDLE), NodeKeyDeleted, _deleting, None, _timeout_deleted),
+    Row("deleted", ANY, NodeKeyDeleted, _always, None, _nothing),
+    Row("timeout-refused", _p(IDLE), DeleteRefused, _refused_with_me, MEMBER, _timeout_refused),
+    Row("timeout-refused-other", _p(IDLE), DeleteRefused, _deleting, None, _timeout_deleted),
+    Row("delete-refused", ANY, DeleteRefused, _always, None, _nothing),
+    Row("timeout-delete-failed", _p(IDLE), DeleteFailed, _deleting, None, _timeout_delete_failed),
+    Row("delete-failed", ANY, DeleteFailed, _always, None, _nothing),
+    Row("commit-lost", ACTIVE, CommitLost, _always, None, _commit_lost),
+    Row("commit-lost-done", DONE, CommitLost, _always, None, _nothing),
     Row("round-other", ANY, RoundCommitted, _always, None, _notify_round),
     Row("closed-spare", _p(JOINING), ClosedSeen, _is_spare, CLOSED, _closed_spare),
     Row("closed-joining", _p(JOINING), ClosedSeen, _always, CLOSED, _closed_joining),
@@ -1118,6 +1294,8 @@ def _observe(state: State, event: Event) -> State:
         nodes = dict(state.nodes)
         nodes.pop(event.node_id, None)
         return replace(state, nodes=nodes)
+    if isinstance(event, DeleteRefused) and event.revision > state.round_revision:
+        event = RoundCommitted(event.record, event.revision)
     if isinstance(event, RoundCommitted):
         return replace(
             state,

@@ -8,6 +8,7 @@ naming the key for anything else (corrupt bytes, foreign JSON, a newer format).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from etcd_rendezvous.rendezvous._errors import RendezvousStateError
 
 FORMAT = 1
 """The format version written in (and required of) every record."""
+
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+"""A value larger than this is not a record (etcd refuses requests over 1.5 MiB by default)."""
 
 DEFAULT_KEY_PREFIX = "/etcd-rendezvous/rdzv"
 
@@ -256,6 +260,15 @@ def encode(record: Record) -> bytes:
     return _dump("closed", {"by": record.by, "time": record.time})
 
 
+_MAX_NUMBER = 2**53
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters (junk can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 class _Fields:
     """Typed access to a decoded JSON object; every failure names the key."""
 
@@ -275,64 +288,82 @@ class _Fields:
     def integer(self, name: str) -> int:
         value = self.obj.get(name)
         if type(value) is not int or value < 0:
-            raise self.error(f"field {name!r} must be a non-negative integer, got {value!r}")
+            raise self.error(f"field {name!r} must be a non-negative integer, got {_short(value)}")
         return value
 
     def string(self, name: str, default: str | None = None) -> str:
         value = self.obj.get(name, default)
         if not isinstance(value, str):
-            raise self.error(f"field {name!r} must be a string, got {value!r}")
+            raise self.error(f"field {name!r} must be a string, got {_short(value)}")
         return value
 
     def node_id(self, value: Any, what: str) -> str:
         if not isinstance(value, str) or not _NODE_ID.match(value):
-            raise self.error(f"{what} must be a node id, got {value!r}")
+            raise self.error(f"{what} must be a node id, got {_short(value)}")
         return value
 
     def number(self, name: str) -> float:
         value = self.obj.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise self.error(f"field {name!r} must be a non-negative number, got {value!r}")
-        return float(value)
+        number = value if isinstance(value, float) else math.nan
+        if type(value) is int and value <= _MAX_NUMBER:
+            number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise self.error(f"field {name!r} must be a non-negative number, got {_short(value)}")
+        return number
 
     def boolean(self, name: str, default: bool | None = None) -> bool:
         value = self.obj.get(name, default)
         if type(value) is not bool:
-            raise self.error(f"field {name!r} must be true or false, got {value!r}")
+            raise self.error(f"field {name!r} must be true or false, got {_short(value)}")
         return value
 
     def words(self, name: str) -> tuple[str, ...]:
         value = self.obj.get(name, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(f"field {name!r} must be a list of strings, got {value!r}")
+            raise self.error(f"field {name!r} must be a list of strings, got {_short(value)}")
         return tuple(value)
 
     def str_list(self, name: str) -> tuple[str, ...]:
         value = self.obj.get(name, [])
         if not isinstance(value, list):
-            raise self.error(f"field {name!r} must be a list, got {value!r}")
+            raise self.error(f"field {name!r} must be a list, got {_short(value)}")
         return tuple(self.node_id(item, f"an item of {name!r}") for item in value)
 
     def str_map(self, value: Any, what: str) -> dict[str, str]:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
-            raise self.error(f"{what} must be an object of strings, got {value!r}")
+            raise self.error(f"{what} must be an object of strings, got {_short(value)}")
         return dict(value)
 
 
 def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
     """Decode and validate the record stored at ``key``; raise RendezvousStateError."""
     fields = _Fields({}, key, run_id)
+    if not isinstance(value, bytes | bytearray):
+        raise fields.error(f"not bytes but a {type(value).__name__}")
+    if len(value) > MAX_RECORD_BYTES:
+        raise fields.error(f"{len(value)} bytes long (a record is at most {MAX_RECORD_BYTES})")
     try:
         obj = json.loads(value.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise fields.error(f"not JSON ({exc}): {value[:80]!r}") from exc
+    except Exception as exc:  # RecursionError (deep nesting), MemoryError, ...: still junk
+        raise fields.error(f"not JSON ({type(exc).__name__}: {exc}): {value[:80]!r}") from exc
     if not isinstance(obj, dict):
         raise fields.error(f"not a JSON object: {value[:80]!r}")
     fields.obj = obj
+    try:
+        return _record(fields, obj)
+    except RendezvousStateError:
+        raise
+    except Exception as exc:  # a validator tripped over junk it did not expect: still junk
+        raise fields.error(f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _record(fields: _Fields, obj: dict[str, Any]) -> Record:
     if obj.get("format") != FORMAT:
-        raise fields.error(f"format {obj.get('format')!r}, expected {FORMAT}")
+        raise fields.error(f"format {_short(obj.get('format'))}, expected {FORMAT}")
     kind = obj.get("kind")
     if kind == "node":
         return NodeRecord(
@@ -348,7 +379,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             raise fields.error("field 'members' has duplicates")
         raw_data = obj.get("data", {})
         if not isinstance(raw_data, dict):
-            raise fields.error(f"field 'data' must be an object, got {raw_data!r}")
+            raise fields.error(f"field 'data' must be an object, got {_short(raw_data)}")
         return RoundRecord(
             round=fields.integer("round"),
             members=members,
@@ -356,7 +387,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
             leader=fields.string("leader", ""),
             time=fields.string("time", ""),
             data={
-                fields.node_id(k, "a key of 'data'"): fields.str_map(v, f"data of {k!r}")
+                fields.node_id(k, "a key of 'data'"): fields.str_map(v, f"data of {_short(k)}")
                 for k, v in raw_data.items()
             },
             causes=fields.words("causes"),
@@ -394,7 +425,7 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
         )
     if kind == "closed":
         return ClosedRecord(by=fields.string("by", ""), time=fields.string("time", ""))
-    raise fields.error(f"unknown kind {kind!r}")
+    raise fields.error(f"unknown kind {_short(kind)}")
 
 
 R = TypeVar("R", NodeRecord, RoundRecord, StatusRecord, LeaderRecord, ClosedRecord, ConfigRecord)

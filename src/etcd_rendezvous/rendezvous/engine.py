@@ -1,28 +1,27 @@
-"""The executor: the one small loop that talks to etcd for the state machine.
+"""The rendezvous node: public API and waiting.
 
 :class:`Rendezvous` owns one lease (keep-alive is the heartbeat), one watch (``ctl/``,
-or the whole run prefix while this node leads) and a loop thread that turns watch
-events and deadlines into machine events, and performs the machine's actions. The
-public methods feed commands (join, leave, close) into the same machine. See
-``_machine.py`` for the design.
+read by the hub's shared reader in ``_hub.py``, or the whole run prefix while this node
+leads, read by its decision loop in ``_leader.py``); watch events and deadlines become
+machine events, and ``_executor.py`` performs the machine's actions and reports their
+outcomes back as events. The public methods here feed commands (join, leave, close) into
+the same machine and wait for its results; client errors are translated into rendezvous
+errors once, at this boundary. See ``_machine.py`` for the design, ``_core.py`` for what
+the parts share.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import functools
 import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
 
 from etcd_rendezvous.client import (
     Compare,
@@ -31,39 +30,30 @@ from etcd_rendezvous.client import (
     Op,
     RangeResponse,
     Retry,
-    TxnResponse,
-    Watch,
 )
 from etcd_rendezvous.errors import (
     EtcdClientError,
-    EtcdLeaseNotFoundError,
-    EtcdTimeoutError,
-    EtcdUnavailableError,
 )
 from etcd_rendezvous.rendezvous import _machine as m
 from etcd_rendezvous.rendezvous import _probe
+from etcd_rendezvous.rendezvous._core import _LeaderWatch
+from etcd_rendezvous.rendezvous._core import utc_now as _utc_now
 from etcd_rendezvous.rendezvous._errors import (
-    RendezvousClosedError,
     RendezvousConfigError,
     RendezvousError,
-    RendezvousGracefulExitError,
     RendezvousLeftError,
     RendezvousTimeoutError,
 )
+from etcd_rendezvous.rendezvous._executor import Executor
 from etcd_rendezvous.rendezvous._hub import Batch, Hub, hub_for
+from etcd_rendezvous.rendezvous._leader import LeaderLoop
 from etcd_rendezvous.rendezvous._machine import Assignment, Change
-from etcd_rendezvous.rendezvous._observe import key_event, snapshot
 from etcd_rendezvous.rendezvous._records import (
     DEFAULT_KEY_PREFIX,
-    ClosedRecord,
     ConfigRecord,
     Keys,
-    LeaderRecord,
-    NodeRecord,
-    StatusRecord,
     check_node_id,
     check_run_id,
-    decode,
     decode_as,
     encode,
 )
@@ -74,7 +64,6 @@ _ids = itertools.count()
 
 DEFAULT_LEASE_TTL = 3
 """Seconds a silent node keeps its place (see :class:`Rendezvous` for the choice)."""
-_T = TypeVar("_T")
 
 
 def default_node_id() -> str:
@@ -83,50 +72,7 @@ def default_node_id() -> str:
     return f"{host or 'host'}_{os.getpid()}_{next(_ids)}"
 
 
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-_FAILURES: dict[m.Failure, type[RendezvousError]] = {
-    m.Failure.TIMEOUT: RendezvousTimeoutError,
-    m.Failure.CLOSED: RendezvousClosedError,
-    m.Failure.GRACEFUL_EXIT: RendezvousGracefulExitError,
-    m.Failure.LEFT: RendezvousLeftError,
-    m.Failure.LEASE_LOST: RendezvousLeftError,
-}
-
-
-class _LeaderWatch:
-    """The leader's private watch of the whole run prefix, opened by its decision loop.
-
-    ``cancel()`` may come before the stream is up: :meth:`attach` then cancels it.
-    """
-
-    def __init__(self, prefix: str, start_revision: int) -> None:
-        self.prefix = prefix
-        self.start_revision = start_revision
-        self._lock = threading.Lock()
-        self._watch: Watch | None = None
-        self._cancelled = False
-
-    def attach(self, watch: Watch) -> bool:
-        """Hold the opened ``watch``; False (and cancelled) if we were cancelled already."""
-        with self._lock:
-            if not self._cancelled:
-                self._watch = watch
-                return True
-        watch.cancel()
-        return False
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-
-
-class Rendezvous:
+class Rendezvous(Executor, LeaderLoop):
     """An elastic rendezvous of ``min_nodes..max_nodes`` nodes on etcd (no torch needed).
 
     Each process (node) creates one, then calls :meth:`join` for every round it wants
@@ -242,7 +188,8 @@ class Rendezvous:
         self._listeners: list[Callable[[Change], None]] = []
         self._outbox: list[Change] = []
         self._depth = 0
-        self._late_round: m.RoundCommitted | None = None  # see _delete_node
+        self._cause: BaseException | None = None  # why the last action failed (for Fail)
+        self._io_deadline: float | None = None  # retries stop by then (a join is waiting)
 
     # --- public API -----------------------------------------------------------------
 
@@ -262,7 +209,7 @@ class Rendezvous:
         """
         timeout = self.join_timeout if timeout is None else timeout
         deadline = self._clock() + timeout
-        with self._cond:
+        with self._boundary(deadline), self._cond:
             self._start()
             self._result = None
             self._feed(m.Join(deadline, {**self._data, **(data or {})}, timeout))
@@ -290,7 +237,8 @@ class Rendezvous:
             self._raise_fatal()
             if self._active:
                 return m.num_nodes_waiting(self.config, self._state)
-        status = self._read_status()
+        with self._boundary():
+            status = self._read_status()
         return status.waiting if status is not None else 0
 
     def is_closed(self) -> bool:
@@ -299,12 +247,13 @@ class Rendezvous:
             self._raise_fatal()
             if self._active:
                 return self._state.closed
-        return self._etcd(self._client.get, self.keys.closed) is not None
+        with self._boundary():
+            return self._etcd(self._client.get, self.keys.closed) is not None
 
     def close(self, timeout: float | None = None) -> None:
         """Close the rendezvous for everyone (the job is over); wait until it is seen."""
         deadline = self._clock() + (self.close_timeout if timeout is None else timeout)
-        with self._cond:
+        with self._boundary(deadline), self._cond:
             if not self._active:
                 self._put_closed()
                 return
@@ -488,20 +437,6 @@ class Rendezvous:
 
     # --- leases -------------------------------------------------------------------------
 
-    def _lease_ok(self) -> bool:
-        return self._lease is not None and not self._lease.is_lost
-
-    def _new_lease(self) -> Lease:
-        lease = self._etcd(self._client.lease, self.lease_ttl, keep_alive=False)
-        self._lease = lease
-        if self._hub is not None:
-            self._hub.keeper.add(
-                lease,
-                lambda error: self._on_lease_lost(lease, error),
-                interval=self.keepalive_interval,
-            )
-        return lease
-
     def _on_lease_lost(self, lease: Lease, error: EtcdClientError) -> None:
         """The keeper could not refresh our node lease: our key is gone (or going)."""
         with self._cond:
@@ -517,73 +452,24 @@ class Rendezvous:
             self._cond.notify_all()
         self._dispatch()
 
-    def _drop_leadership(self) -> None:
-        """Revoke the leader lease, so that the leader key (if ours) vanishes at once."""
-        lease, self._leader_lease = self._leader_lease, None
-        if lease is not None and self._state.leader == self.node_id:
-            try:
-                with self._slots():
-                    lease.revoke()
-            except EtcdClientError as exc:  # it expires by itself within its TTL
-                log.warning("node %s could not revoke its leader lease: %s", self.node_id, exc)
-
-    def _refresh_leadership(self) -> None:
-        """Keep the leader key alive; called from the decision loop only (see the module doc)."""
-        lease = self._leader_lease
-        if lease is None or self._state.leader != self.node_id:
-            return
-        now = self._clock()
-        if now < self._leader_refreshed + self.keepalive_interval:
-            return
-        try:
-            # No I/O slot: a keep-alive must not queue behind requests stuck on a hung
-            # member. The refresh is bounded by the time the lease has left (split
-            # between the endpoints), not by the client's full timeout.
-            lease.refresh()
-        except EtcdLeaseNotFoundError:
-            log.warning(
-                "node %s lost the leadership of rendezvous %s: its leader lease expired",
-                self.node_id,
-                self.run_id,
-            )
-            self._leader_lease = None  # the leader key is gone: the watch tells everyone
-        except EtcdClientError as exc:
-            log.warning("node %s could not refresh its leader lease: %s", self.node_id, exc)
-        else:
-            self._leader_refreshed = now
-
     # --- etcd calls ------------------------------------------------------------------------
 
-    def _slots(self) -> contextlib.AbstractContextManager[object]:
-        return self._hub.io if self._hub is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _boundary(self, deadline: float | None = None) -> Iterator[None]:
+        """The public methods' one translation of client errors into rendezvous errors.
 
-    def _etcd(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """Call the client, retrying transient errors (unreachable, timeout) with ``retry``.
-
-        Every request the engine sends is safe to repeat: writes are guarded by a txn
-        compare, or put the same value again. The error surfaces once the retry gives up.
-        """
-        return self._etcd_with(self._retry, fn, *args, **kwargs)
-
-    def _etcd_with(self, policy: Retry, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """:meth:`_etcd` with its own retry policy."""
-        retry = policy.copy()
-        while True:
-            try:
-                with self._slots():
-                    return fn(*args, **kwargs)
-            except (EtcdUnavailableError, EtcdTimeoutError) as exc:
-                delay = retry.next_delay()
-                if delay is None or self._stopping.is_set():
-                    raise
-                log.warning(
-                    "rendezvous %s, node %s: %s; retrying in %.2fs",
-                    self.run_id,
-                    self.node_id,
-                    exc,
-                    delay,
-                )
-                self._stopping.wait(delay)
+        With ``deadline`` (a join's or close's), every retry of this node meanwhile stops
+        by then, in the caller's thread and in the loops that hold the lock it waits for:
+        the call returns or raises within its timeout plus one request's timeout."""
+        if deadline is not None:
+            self._io_deadline = deadline
+        try:
+            yield
+        except EtcdClientError as exc:
+            raise self._connection_error(exc) from exc
+        finally:
+            if deadline is not None:
+                self._io_deadline = None
 
     # --- following etcd ----------------------------------------------------------------------
 
@@ -626,455 +512,13 @@ class Rendezvous:
             self._cond.notify_all()
         self._dispatch()
 
-    def _hub_failed(self, error: EtcdClientError) -> None:
+    def _hub_failed(self, error: BaseException) -> None:
+        """The hub's watch gave up, or its thread died: no more ``ctl/`` events for us."""
         with self._cond:
-            self._fatal_locked(self._connection_error(error))
-
-    def _lead(self, leading: _LeaderWatch) -> None:
-        """The leader's decision loop, on its private watch of the whole run prefix."""
-        try:
-            opened = self._etcd(
-                self._client.watch,
-                leading.prefix,
-                prefix=True,
-                start_revision=leading.start_revision,
-            )
-            if not leading.attach(opened):
-                return  # stepped down or stopped while the watch was being created
-            watch = leading
-            while not self._stopping.is_set():
-                with self._lock:
-                    if self._watch is not watch:
-                        return  # stepped down, or a newer watch (and loop) took over
-                    deadline = m.next_deadline(self.config, self._state)
-                    lease = self._leader_lease
-                now = self._clock()
-                wake = now + 1.0
-                if deadline is not None:
-                    wake = min(wake, deadline)
-                if lease is not None:
-                    wake = min(wake, self._leader_refreshed + self.keepalive_interval)
-                try:
-                    events = self._read(opened, max(0.0, wake - now))
-                    failure: EtcdClientError | None = None
-                except EtcdClientError as exc:  # the watch gave up, or history was compacted
-                    events, failure = [], exc
-                with self._cond:
-                    if self._stopping.is_set() or self._watch is not watch:
-                        continue
-                    if failure is not None:
-                        log.warning(
-                            "leader watch of %s failed (%s); resyncing", self.run_id, failure
-                        )
-                        self._resync(m.Scope.ALL)
-                        continue
-                    self._refresh_leadership()
-                    if events:
-                        self._feed_batch(events)
-                    elif deadline is not None and self._clock() >= deadline:
-                        self._feed(m.Tick())
-                    if (
-                        self._watch is watch
-                        and m.scope(self.config, self._state) is m.Scope.CONTROL
-                    ):
-                        self._resync(m.Scope.CONTROL)
-                    self._cond.notify_all()
-                self._dispatch()
-        except RendezvousError as exc:
-            self._fatal(exc)
-        except EtcdClientError as exc:
-            self._fatal(self._connection_error(exc))
-
-    def _read(self, watch: Watch, timeout: float) -> list[m.Event]:
-        """Everything the private watch has ready, waiting up to ``timeout`` for the first."""
-        event = watch.next_event(timeout=timeout)
-        events: list[m.Event] = []
-        while event is not None:
-            kv = event.kv
-            decoded = key_event(
-                self.keys,
-                kv.key.decode("utf-8", "replace"),
-                kv.value if event.type == "PUT" else None,
-                create_revision=kv.create_revision,
-                mod_revision=kv.mod_revision,
-            )
-            self._rev = max(self._rev, kv.mod_revision)
-            if decoded is not None:
-                events.append(decoded)
-            event = watch.next_event(timeout=0)
-        return events
-
-    def _connection_error(self, exc: EtcdClientError) -> RendezvousError:
-        error = RendezvousError(
-            f"rendezvous {self.run_id!r} (node {self.node_id!r}) lost its connection to etcd: "
-            f"{exc}",
-            run_id=self.run_id,
-        )
-        error.__cause__ = exc
-        return error
-
-    def _fatal(self, exc: RendezvousError) -> None:
-        with self._cond:
-            self._fatal_locked(exc)
-
-    def _fatal_locked(self, exc: RendezvousError) -> None:
-        log.error("rendezvous %s (node %s) stopped: %s", self.run_id, self.node_id, exc)
-        self._error = exc
-        self._cond.notify_all()
-
-    def _raise_fatal(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    # --- feeding the machine and doing what it says ------------------------------------
-
-    def _feed(self, event: m.Event) -> None:
-        """Step the machine and perform its actions (called with the lock held)."""
-        self._state, actions = self._machine.step(self._state, event, self._clock())
-        for action in actions:
-            self._do(action)
-
-    def _feed_batch(self, events: list[m.Event]) -> None:
-        prober = _probe.prober()
-        for event in events:  # verify probe addresses in the background, before need
-            if isinstance(event, m.NodePut) and event.entry.probe not in ("", self.probe):
-                prober.learn(event.entry.probe)
-            elif isinstance(event, m.LeaderChanged) and event.probe and event.probe != self.probe:
-                prober.learn(event.probe)
-        self._state, actions = self._machine.step_batch(self._state, events, self._clock())
-        for action in actions:
-            self._do(action)
-
-    def _do(self, action: m.Action) -> None:
-        client, keys = self._client, self.keys
-        if isinstance(action, m.PutNode):
-            self._put_node(action)
-        elif isinstance(action, m.DeleteNode):
-            self._late_round = self._delete_node(action)
-        elif isinstance(action, m.RevokeLease):
-            if action.farewell is not None and self._lease_ok() and self._lease is not None:
-                self._farewell(action.farewell, self._lease.id)
-            self._drop_leadership()
-            lease, self._lease = self._lease, None
-            if lease is not None:
-                if self._hub is not None:
-                    self._hub.keeper.remove(lease)
-                # Retried for one TTL at most: by then etcd has dropped the lease anyway
-                # (e.g. the agent hosting an embedded etcd stopped it before we left).
-                with contextlib.suppress(EtcdLeaseNotFoundError):
-                    self._etcd_with(
-                        Retry(deadline=float(self.lease_ttl), max_delay=0.5), lease.revoke
-                    )
-        elif isinstance(action, m.AcquireLeadership):
-            self._acquire()
-        elif isinstance(action, m.Resync):
-            self._resync(action.scope)
-        elif isinstance(action, m.CommitRound):
-            self._commit(action)
-        elif isinstance(action, m.PublishStatus):
-            if self._leader_lease is not None:
-                self._etcd(
-                    client.txn,
-                    [Compare.lease(keys.leader, "==", self._leader_lease.id)],
-                    [Op.put(keys.status, encode(action.record))],
-                )
-        elif isinstance(action, m.PutClosed):
-            self._put_closed()
-        elif isinstance(action, m.ProbeNodes):
-            prober = _probe.prober()
-            for node_id, probe in action.targets:
-                prober.submit(probe, functools.partial(self._probed, node_id, probe))
-        elif isinstance(action, m.Deliver):
-            self._result = action.assignment
-            log.info(
-                "node %s joined round %d of rendezvous %s as rank %d of %d (%s)",
-                self.node_id,
-                action.assignment.round,
-                self.run_id,
-                action.assignment.rank,
-                action.assignment.world_size,
-                action.assignment.reason or "no reason given",
-            )
-        elif isinstance(action, m.Fail) and self._late_round is not None:
-            # The join timed out, but a round including us was committed first: take it.
-            late, self._late_round = self._late_round, None
-            log.info(
-                "node %s: join timed out as round %d of rendezvous %s was committed with "
-                "it; taking that round",
-                self.node_id,
-                late.record.round,
-                self.run_id,
-            )
-            self._feed(late)
-        elif isinstance(action, m.Fail):
-            error = _FAILURES[action.failure]
-            self._result = error(
-                f"rendezvous {self.run_id!r}, node {self.node_id!r}: {action.message}",
-                run_id=self.run_id,
-            )
-        elif isinstance(action, m.Notify):
-            self._changes.append(action.change)
-            self._outbox.append(action.change)
-        self._cond.notify_all()
-
-    def _probed(self, node_id: str, probe: str, verdict: _probe.Verdict) -> None:
-        """A late member's (or the leader's) probe came back, on a prober thread: if its
-        process is gone, revoke the leases of its node key and of any leadership it holds
-        (each only if the key still carries that process's probe: not a new incarnation)."""
-        if verdict is not _probe.Verdict.GONE or self._stopping.is_set():
-            log.debug("node %s: probe of %s: %s", self.node_id, node_id, verdict.value)
-            return
-        try:
-            leases: list[int] = []
-            for key in (self.keys.node(node_id), self.keys.leader):
-                with self._slots():
-                    response = self._client.range(key)
-                if not response.kvs or not response.kvs[0].lease:
-                    continue
-                kv = response.kvs[0]
-                record = decode(kv.value, key=key, run_id=self.run_id)
-                if (
-                    isinstance(record, NodeRecord | LeaderRecord)
-                    and record.node_id == node_id
-                    and record.probe == probe
-                ):
-                    leases.append(kv.lease)
-            if not leases:
-                return
-            log.info(
-                "rendezvous %s: node %s is gone (its process no longer listens at %s); "
-                "revoking its lease%s %s",
-                self.run_id,
-                node_id,
-                probe.partition("@")[2],
-                "s" if len(leases) > 1 else "",
-                ", ".join(f"{lease:x}" for lease in leases),
-            )
-            for lease in leases:
-                with self._slots(), contextlib.suppress(EtcdLeaseNotFoundError):
-                    self._client.lease_revoke(lease)
-        except (EtcdClientError, RendezvousError) as exc:
-            log.warning("node %s: could not evict dead node %s: %s", self.node_id, node_id, exc)
-
-    def _delete_node(self, action: m.DeleteNode) -> m.RoundCommitted | None:
-        """Delete our node key (a join gave up). With ``if_round_revision``: only while no
-        newer round is committed; a newer one that includes us is returned instead (the
-        key stays: we are a member), one without us does not stop the deletion."""
-        if self._lease is None:
-            return None
-        keys = self.keys
-        key = keys.node(self.node_id)
-        owned = Compare.lease(key, "==", self._lease.id)
-        if action.if_round_revision is not None:
-            response = self._etcd(
-                self._client.txn,
-                [owned, Compare.mod_revision(keys.round, "==", action.if_round_revision)],
-                [Op.delete(key)],
-                [Op.get(keys.round)],
-            )
-            if response.succeeded:
-                return None
-            read = response.responses[0] if response.responses else None
-            if isinstance(read, RangeResponse) and read.kvs:
-                kv = read.kvs[0]
-                if kv.mod_revision != action.if_round_revision:
-                    event = key_event(keys, keys.round, kv.value, mod_revision=kv.mod_revision)
-                    if isinstance(event, m.RoundCommitted) and self.node_id in event.record.members:
-                        return event
-        self._etcd(self._client.txn, [owned], [Op.delete(key)])
-        return None
-
-    def _farewell(self, record: NodeRecord, lease_id: int) -> None:
-        """Mark our key as leaving (one guarded put), so that the leader tells a clean
-        leave from a lost node; best effort: the revoke that follows removes it anyway."""
-        key = self.keys.node(self.node_id)
-        try:
-            with self._slots():
-                self._client.txn(
-                    [Compare.lease(key, "==", lease_id)],
-                    [Op.put(key, encode(record), lease=lease_id)],
-                )
-        except EtcdClientError as exc:
-            log.debug("node %s could not mark its key as leaving: %s", self.node_id, exc)
-
-    def _acquire(self) -> None:
-        """Try to create the leader key, attached to a leader lease of its own."""
-        if not self._lease_ok() or self._stopping.is_set():
-            return
-        hub = self._hub
-        if hub is not None and hub.leader_known_after(self._rev):
-            return  # another node of this process already filled the vacancy we saw
-        lease = self._leader_lease
-        if lease is None or lease.is_lost or lease.remaining < lease.ttl / 2.0:
-            lease = self._etcd(self._client.lease, self.lease_ttl, keep_alive=False)
-            lease.close()  # no keep-alive thread: the decision loop refreshes it
-            self._leader_lease = lease
-        self._leader_refreshed = self._clock()
-        keys = self.keys
-        response = self._etcd(
-            self._client.txn,
-            [Compare.create_revision(keys.leader, "==", 0)],
-            [Op.put(keys.leader, encode(LeaderRecord(self.node_id, self.probe)), lease=lease.id)],
-        )
-        if response.succeeded:
-            if hub is not None:
-                hub.leader_created(response.revision)
-            log.info("node %s leads rendezvous %s", self.node_id, self.run_id)
-
-    def _put_node(self, action: m.PutNode) -> None:
-        lease = self._lease if self._lease is not None and self._lease_ok() else self._new_lease()
-        key = self.keys.node(self.node_id)
-        try:
-            response = self._put_node_txn(key, action.record, lease.id)
-        except EtcdLeaseNotFoundError:
-            # Expired before the keeper noticed (e.g. this process was paused past the
-            # TTL): our key is gone with it; join with a new lease.
-            log.warning("node %s: lease %x expired; joining with a new one", self.node_id, lease.id)
-            if self._hub is not None:
-                self._hub.keeper.remove(lease)
-            lease.close()
-            lease = self._new_lease()
-            response = self._put_node_txn(key, action.record, lease.id)
-        lease_id = lease.id
-        inner = response.responses[0] if response.responses else None
-        if response.succeeded or (isinstance(inner, TxnResponse) and inner.succeeded):
-            return
-        held = inner.responses[0] if isinstance(inner, TxnResponse) and inner.responses else None
-        old = held.kvs[0].lease if isinstance(held, RangeResponse) and held.kvs else 0
-        if old:
-            # The same node id under another lease: our previous incarnation (a restart).
-            # Revoke it so that its key vanishes now, not at expiry.
-            log.warning("node %s restarted: revoking its previous lease %x", self.node_id, old)
-            with contextlib.suppress(EtcdLeaseNotFoundError):
-                self._etcd(self._client.lease_revoke, old)
-        self._etcd(self._client.put, key, encode(action.record), lease=lease_id)
-
-    def _put_node_txn(self, key: str, record: NodeRecord, lease_id: int) -> TxnResponse:
-        """Put our key if it is ours or absent (one request for a first join or a rejoin)."""
-        put = Op.put(key, encode(record), lease=lease_id)
-        return self._etcd(
-            self._client.txn,
-            [Compare.lease(key, "==", lease_id)],
-            [put],
-            [Op.txn([Compare.create_revision(key, "==", 0)], [put], [Op.get(key)])],
-        )
-
-    def _commit(self, action: m.CommitRound) -> None:
-        keys = self.keys
-        if self._leader_lease is None:
-            return  # our leadership expired: the watch will say who leads now
-        record = dataclasses.replace(action.record, time=_utc_now())
-        guard = (
-            Compare.create_revision(keys.round, "==", 0)
-            if action.prev_revision == 0
-            else Compare.mod_revision(keys.round, "==", action.prev_revision)
-        )
-        response = self._etcd(
-            self._client.txn,
-            [guard, Compare.lease(keys.leader, "==", self._leader_lease.id)],
-            [Op.put(keys.round, encode(record))],
-        )
-        if response.succeeded:
-            log.info(
-                "node %s committed round %d of rendezvous %s: %d members, causes %s, "
-                "completed by %s (%s)",
-                self.node_id,
-                record.round,
-                self.run_id,
-                len(record.members),
-                ",".join(record.causes),
-                record.completion,
-                record.reason,
-            )
-        else:
-            log.debug("commit of round %d lost a race; resyncing", record.round)
-            self._resync(m.scope(self.config, self._state))
-
-    def _put_closed(self) -> None:
-        self._etcd(
-            self._client.txn,
-            [Compare.create_revision(self.keys.closed, "==", 0)],
-            [Op.put(self.keys.closed, encode(ClosedRecord(self.node_id, _utc_now())))],
-        )
-
-    def _resync(self, scope: m.Scope) -> None:
-        """Read everything in ``scope`` at one revision, then follow it from the next one.
-
-        CONTROL: the hub's shared ``ctl/`` watch feeds us (events up to the read's revision
-        are skipped). ALL (we lead): a private watch of the whole run prefix, read by our
-        own decision loop.
-        """
-        hub = self._hub
-        if scope is m.Scope.CONTROL:
-            old, self._watch = self._watch, None
-            if old is not None:
-                old.cancel()  # its loop ends by itself
-            if hub is not None:
-                hub.attach(self)  # before the read, so nothing after it is missed
-            prefix = self.keys.ctl
-        else:
-            if hub is not None:
-                hub.detach(self)
-            prefix = self.keys.root
-        response = self._etcd(self._client.range, prefix, prefix=True)
-        kvs = [
-            (kv.key.decode("utf-8", "replace"), kv.value, kv.create_revision, kv.mod_revision)
-            for kv in response.kvs
-        ]
-        snap = snapshot(self.keys, response.revision, kvs, with_nodes=scope is m.Scope.ALL)
-        prober = _probe.prober()  # verify probe addresses in the background, before need
-        for probe in [e.probe for e in (snap.nodes or {}).values()] + [snap.leader_probe]:
-            if probe and probe != self.probe:
-                prober.learn(probe)
-        self._floor = self._rev = response.revision
-        if scope is m.Scope.ALL:
-            stale = next(
-                (kv.lease for kv in response.kvs if kv.key == self.keys.leader.encode()), 0
-            )
-            mine = self._leader_lease.id if self._leader_lease is not None else 0
-            if snap.leader == self.node_id and stale not in (0, mine):
-                # Our previous incarnation (same node id, before a restart) still leads.
-                log.warning(
-                    "node %s restarted: revoking its previous leader lease %x", self.node_id, stale
-                )
-                with contextlib.suppress(EtcdLeaseNotFoundError):
-                    self._etcd(self._client.lease_revoke, stale)
-                self._resync(m.Scope.CONTROL)
-                return
-            if not self._stopping.is_set():
-                # The decision loop opens the watch (from the read's revision on: nothing
-                # is missed) while we decide on the snapshot: a full round commits without
-                # waiting for the watch stream to come up (~20 ms on the gateway).
-                watch = _LeaderWatch(prefix, response.revision + 1)
-                old, self._watch = self._watch, watch
-                if old is not None:
-                    old.cancel()
-                self._thread = threading.Thread(
-                    target=self._lead,
-                    args=(watch,),
-                    name=f"rendezvous {self.run_id} {self.node_id}",
-                    daemon=True,
-                )
-                self._thread.start()
-        self._feed(snap)
-
-    def _read_status(self) -> StatusRecord | None:
-        kv = self._etcd(self._client.get, self.keys.status)
-        if kv is None:
-            return None
-        return decode_as(StatusRecord, kv.value, key=self.keys.status, run_id=self.run_id)
-
-    def _dispatch(self) -> None:
-        """Call listeners outside the lock."""
-        with self._lock:
-            changes, self._outbox = self._outbox, []
-            listeners = list(self._listeners)
-        for change in changes:
-            for callback in listeners:
-                try:
-                    callback(change)
-                except Exception:
-                    log.exception("rendezvous listener %r failed on %s", callback, change)
+            if isinstance(error, EtcdClientError):
+                self._fatal_locked(self._connection_error(error))
+            else:
+                self._fatal_locked(self._died_error("the rendezvous-hub thread", error))
 
 
 __all__ = ["Rendezvous", "default_node_id"]
