@@ -152,13 +152,15 @@ class Core:
     def _etcd_with(self, policy: Retry, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """:meth:`_etcd` with its own retry policy (cut short by the caller's deadline)."""
         retry = policy.copy()
-        bound = self._io_deadline
         while True:
             try:
                 with self._slots():
                     return fn(*args, **kwargs)
             except (EtcdUnavailableError, EtcdTimeoutError) as exc:
                 delay = retry.next_delay()
+                # Read at each failure: a join, close or leave that starts waiting while
+                # this loop retries (holding the lock it waits for) cuts the retry short.
+                bound = self._io_deadline
                 if (
                     delay is None
                     or self._stopping.is_set()

@@ -269,9 +269,14 @@ class Rendezvous(Executor, LeaderLoop):
                 self._cond.wait(min(wait, 1.0))
         self._dispatch()
 
-    def leave(self) -> None:
-        """Withdraw this node (its key and any leadership go at once); idempotent."""
-        with self._cond:
+    def leave(self, timeout: float | None = None) -> None:
+        """Withdraw this node (its key and any leadership go at once); idempotent.
+
+        With ``timeout``, every retry of this node stops by then (as for :meth:`close`),
+        so that leaving an unreachable etcd costs about ``timeout``, not the retry policy.
+        """
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._boundary(deadline), self._cond:
             if self._active and self._state.phase is not m.Phase.LEFT:
                 try:
                     self._feed(m.Leave())

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -375,7 +376,10 @@ class NativeRendezvousHandler(RendezvousHandler):
             if ok:
                 ok = _bounded(self._close_and_expire, f"closing rendezvous {run_id}")
             if self._etcd_lost is None:
-                _bounded(self._rdzv.leave, f"leaving rendezvous {run_id}")
+                _bounded(
+                    functools.partial(self._rdzv.leave, timeout=SHUTDOWN_STEP_TIMEOUT),
+                    f"leaving rendezvous {run_id}",
+                )
             else:
                 _agent_log.warning(
                     "rendezvous %s: etcd is gone, node %s neither closes nor leaves it",
