@@ -42,6 +42,7 @@ from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdCompactedError,
     EtcdLeaseNotFoundError,
+    EtcdOutcomeUnknownError,
     EtcdRequestError,
     EtcdTimeoutError,
     EtcdUnavailableError,
@@ -163,6 +164,21 @@ def may_resend(error: EtcdClientError, message: str, *, idempotent: bool) -> boo
     if not isinstance(error, EtcdUnavailableError):
         return False
     return idempotent or message.strip() in _NOT_APPLIED
+
+
+def outcome_unknown(error: EtcdClientError) -> EtcdClientError:
+    """``error`` (not resent) as an :class:`EtcdOutcomeUnknownError` when a write may
+    have been applied: etcd said "unavailable" for a reason other than ``_NOT_APPLIED``
+    ("request timed out", "leader changed", "transport is closing", ...)."""
+    if not isinstance(error, EtcdUnavailableError) or isinstance(error, EtcdOutcomeUnknownError):
+        return error
+    unknown = EtcdOutcomeUnknownError(
+        f"{error}; the write may or may not have been applied (not retried)",
+        endpoint=error.endpoint,
+        key=error.key,
+    )
+    unknown.__cause__ = error
+    return unknown
 
 
 def translate_error(
@@ -435,7 +451,7 @@ class Transport:
                     failures.append(f"{ep}: {_reason(exc)}")
                     last_exc = exc
                     continue
-                raise EtcdUnavailableError(
+                raise EtcdOutcomeUnknownError(
                     f"etcd {path} on {ep}: connection lost before the reply{_describe_key(key)} "
                     f"({_reason(exc)}); the write may or may not have been applied (not retried)",
                     endpoint=str(ep),
@@ -464,7 +480,7 @@ class Transport:
                 failures.append(f"{ep}: {err}")
                 last_exc = err
                 continue
-            raise err
+            raise err if idempotent else outcome_unknown(err)
         names = ", ".join(str(ep) for ep in order)
         raise EtcdUnavailableError(
             f"no etcd endpoint reachable for {path}{_describe_key(key)} (tried {names}): "
