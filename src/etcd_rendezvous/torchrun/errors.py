@@ -33,4 +33,18 @@ class EtcdStoreConnectionError(DistNetworkError, EtcdRendezvousError):
     """
 
 
-__all__ = ["EtcdStoreConnectionError", "EtcdStoreError", "EtcdStoreTimeoutError"]
+class EtcdStoreOutcomeUnknownError(EtcdStoreConnectionError):
+    """A store write may or may not have been applied: etcd stopped answering after
+    the request may have reached it, and kept silent until the retry deadline.
+
+    The store never applies a write twice (see :class:`~etcd_rendezvous.torchrun.EtcdStore`),
+    so at most one application happened; read the key back to learn which.
+    """
+
+
+__all__ = [
+    "EtcdStoreConnectionError",
+    "EtcdStoreError",
+    "EtcdStoreOutcomeUnknownError",
+    "EtcdStoreTimeoutError",
+]
