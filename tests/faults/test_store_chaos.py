@@ -29,7 +29,12 @@ from etcd_rendezvous.server import EtcdCluster
 
 pytest.importorskip("torch")
 
-pytestmark = [pytest.mark.torch, pytest.mark.slow]
+WORKER_TIMEOUT_FULL = 3600.0
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.slow,
+    pytest.mark.timeout(2 * WORKER_TIMEOUT_FULL if os.environ.get("ETCD_RDZV_CHAOS_FULL") else 900),
+]
 
 WORKER = Path(__file__).with_name("store_worker.py")
 PROCESSES = 8
@@ -37,7 +42,7 @@ FULL = os.environ.get("ETCD_RDZV_CHAOS_FULL") == "1"
 COUNT = 2000 if FULL else 10
 OPS = os.environ.get("ETCD_RDZV_CHAOS_OPS", "add,append,compare_set").split(",")
 MIN_FAULTS = 20
-WORKER_TIMEOUT = 3600.0 if FULL else 600.0
+WORKER_TIMEOUT = WORKER_TIMEOUT_FULL if FULL else 600.0
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,11 @@ def _seconds(timeout: timedelta) -> float:
     return max(timeout.total_seconds(), 0.0)
 
 
+# Clones alive until closed (see EtcdStore.clone): C++ holders do not keep them alive.
+_CLONES: set[EtcdStore] = set()
+_CLONES_LOCK = threading.Lock()
+
+
 @dataclass
 class _Attempts:
     """The marker values (tags) of one write operation's attempts, in order."""
@@ -376,14 +381,22 @@ class EtcdStore(Store):
 
         torch's ``shrink_group`` and the C++ side clone a group's store to use it
         from another thread; the clone shares no connection with this store.
+
+        The clone stays alive until its :meth:`close`: C++ code holding only the C++
+        half of a Python store (``PrefixStore.clone()``, ``_test_python_store``) would
+        otherwise see the Python half garbage-collected under it, and its next call fail
+        with "Not implemented" (torch's trampoline does not keep the Python object alive).
         """
-        return EtcdStore(
+        clone = EtcdStore(
             self._client.copy(),
             self._prefix,
             timeout=self.timeout,
             retry_deadline=self._retry_deadline,
             owns_client=True,
         )
+        with _CLONES_LOCK:
+            _CLONES.add(clone)
+        return clone
 
     # The names torch's C++ trampoline (PythonStore in torch/csrc/distributed/c10d/init.cpp)
     # looks up when C++ code, e.g. PrefixStore or ProcessGroupGloo, calls these methods.
@@ -408,6 +421,8 @@ class EtcdStore(Store):
                 return
             self._closed = True
             wrote = self._slot_count > 0
+        with _CLONES_LOCK:
+            _CLONES.discard(self)
         if wrote:
             try:
                 self._client.delete(self._markers, prefix=True)
