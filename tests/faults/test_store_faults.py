@@ -265,3 +265,26 @@ def test_backend_set_state_with_reply_cut_reports_its_write(
         assert got is not None and got[0] == b"second"
     finally:
         client.close()
+
+
+def test_backend_set_state_lost_before_etcd_saw_it_is_sent_again(
+    proxy: FaultProxy, direct: EtcdClient, prefix: bytes
+) -> None:
+    """The client cannot tell a reset before etcd from one after: the backend finds the
+    guard still holds and sends the same guarded write again, so it can say True."""
+    client = EtcdClient(proxy.endpoint, timeout=2.0)
+    try:
+        backend = EtcdRendezvousBackend(
+            client, "run", key_prefix=prefix.decode(), check_states=False
+        )
+        proxy.fault(Fault.RESET, path=TXN)
+        result = backend.set_state(b"first")
+        assert result is not None and result[0] == b"first" and result[2] is True
+        proxy.fault(Fault.RESET, path=TXN)
+        result = backend.set_state(b"second", result[1])
+        assert result is not None and result[0] == b"second" and result[2] is True
+        assert proxy.faults_applied == 2
+        got = backend.get_state()
+        assert got is not None and got == (b"second", result[1])
+    finally:
+        client.close()

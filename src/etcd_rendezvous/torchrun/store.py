@@ -22,7 +22,7 @@ the number of keys in the store:
   whose reply was lost is therefore simply sent again, and the caller gets the
   right result, never a duplicate. Markers live at ``prefix + "\\x00etcd-store-ops/"``
   (not counted by ``num_keys``, not listed; a store's markers are deleted by
-  :meth:`EtcdStore.close`; at most one per thread that wrote).
+  :meth:`EtcdStore.close`; one per thread writing at the same time).
 * Timeouts raise :class:`~etcd_rendezvous.torchrun.errors.EtcdStoreTimeoutError`
   (a ``torch.distributed.DistStoreError``, as ``TCPStore`` raises), connection
   failures :class:`~etcd_rendezvous.torchrun.errors.EtcdStoreConnectionError`
