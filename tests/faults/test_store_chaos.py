@@ -184,6 +184,7 @@ def test_store_writes_under_member_faults(
         f"{ {op: sum(len(o['unknown']) for o in outs) for op, outs in per_op.items()} }; "
         f"faults: {faults}"
     )
+    print(info)  # the figures, with pytest -s or -rP
     errors = [e for outs in per_op.values() for o in outs for e in o["errors"]]
     assert not errors, f"{errors[:5]}; {info}"
     assert len(faults) >= MIN_FAULTS, info
