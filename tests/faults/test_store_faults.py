@@ -163,6 +163,20 @@ def test_delete_key_with_reply_cut_does_not_delete_a_recreated_key(
     assert store.delete_key("missing") is False
 
 
+def test_queue_push_and_pop_with_reply_cut_are_applied_once(
+    store: EtcdStore, proxy: FaultProxy, direct: EtcdClient, prefix: bytes
+) -> None:
+    proxy.fault(Fault.DROP_REPLY, path=TXN)
+    store.queue_push("q", "a")
+    store.queue_push("q", "b")
+    assert store.queue_len("q") == 2
+    proxy.fault(Fault.DROP_REPLY, path=TXN)
+    assert store.queue_pop("q") == b"a"  # popped once: "b" is still there
+    assert store.queue_len("q") == 1
+    assert store.queue_pop("q") == b"b"
+    assert proxy.faults_applied == 2
+
+
 def test_reset_before_etcd_sees_the_request_is_resent(
     store: EtcdStore, proxy: FaultProxy, direct: EtcdClient, prefix: bytes
 ) -> None:

@@ -10,9 +10,9 @@ torch/csrc/distributed/c10d/init.cpp), which looks up ``getNumKeys``/``deleteKey
 ``clone`` by their C++ names; ``_test_python_store`` and a ``ProcessGroupGloo`` call the
 store from C++ as well.
 
-Not covered because torch cannot do it for any Python store: ``list_keys`` and the queue
-methods through ``PrefixStore`` (the trampoline does not forward them; torch raises
-``NotImplementedError``). They work on the bare store.
+torch cannot forward ``list_keys`` and the queue methods from ``PrefixStore`` to any
+Python store (the trampoline has no override for them; torch raises
+``NotImplementedError``); they work on the bare store, with ``TCPStore``'s semantics.
 """
 
 from __future__ import annotations
@@ -267,12 +267,57 @@ def test_process_group_gloo_on_the_store(store: Any) -> None:
     assert results == {0: 3.0, 1: 3.0}
 
 
-def test_list_keys_on_the_bare_store(etcd_server: EtcdServer, key_prefix: str) -> None:
+def test_list_keys_and_queues_on_the_bare_store(etcd_server: EtcdServer, key_prefix: str) -> None:
     with EtcdClient(etcd_server.endpoint) as client:
-        store = EtcdStore(client, key_prefix + "-store/")
+        store = EtcdStore(client, key_prefix + "-store/", timeout=timedelta(milliseconds=300))
         try:
             store.set("a", "1")
             store.add("b", 1)
             assert sorted(store.list_keys()) == ["a", "b"]
+            # TCPStore's queue semantics, checked on TCPStore itself in the next test.
+            store.queue_push("q", "x")
+            store.queue_push("q", b"y")
+            assert store.queue_len("q") == 2
+            assert store.queue_pop("q") == b"x"
+            assert store.queue_pop("q", False) == b"y"
+            assert store.queue_len("q") == 0
+            with pytest.raises(dist.QueueEmptyError, match="empty"):
+                store.queue_pop("q", False)
+            with pytest.raises(dist.DistStoreError, match="timeout"):
+                store.queue_pop("q")
+            threading.Timer(0.1, store.queue_push, ("q", "late")).start()
+            store.set_timeout(timedelta(seconds=10))
+            assert store.queue_pop("q") == b"late"
+            assert store.num_keys() == 2  # queues are not keys
+            assert sorted(store.list_keys()) == ["a", "b"]
         finally:
             store.close()
+
+
+def test_tcpstore_queue_semantics_we_follow() -> None:
+    tcp = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(milliseconds=300))
+    tcp.queue_push("q", "x")
+    tcp.queue_push("q", b"y")
+    assert tcp.queue_len("q") == 2
+    assert tcp.queue_pop("q") == b"x"
+    assert tcp.queue_pop("q", False) == b"y"
+    with pytest.raises(dist.QueueEmptyError, match="empty"):
+        tcp.queue_pop("q", False)
+
+
+def test_what_prefix_store_cannot_forward_to_a_python_store(
+    etcd_server: EtcdServer, key_prefix: str
+) -> None:
+    """torch's trampoline has no list_keys or queue methods: PrefixStore over any Python
+    store raises NotImplementedError for them. If a torch release adds them, this fails
+    and the README's note can go."""
+    with EtcdClient(etcd_server.endpoint) as client:
+        base = EtcdStore(client, key_prefix + "-store/")
+        try:
+            store = dist.PrefixStore("p", base)
+            with pytest.raises(NotImplementedError):
+                store.list_keys()
+            with pytest.raises(NotImplementedError):
+                store.queue_push("q", "x")
+        finally:
+            base.close()

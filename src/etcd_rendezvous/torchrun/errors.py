@@ -8,7 +8,7 @@ a ``TCPStore`` failure) and from :class:`~etcd_rendezvous.errors.EtcdRendezvousE
 
 from __future__ import annotations
 
-from torch.distributed import DistNetworkError, DistStoreError
+from torch.distributed import DistNetworkError, DistStoreError, QueueEmptyError
 
 from etcd_rendezvous.errors import EtcdRendezvousError
 
@@ -23,6 +23,10 @@ class EtcdStoreTimeoutError(EtcdStoreError):
     The message starts like ``TCPStore``'s (``wait timeout after 1000ms, keys:
     ...``) so code that matches on it keeps working.
     """
+
+
+class EtcdStoreQueueEmptyError(QueueEmptyError, EtcdStoreError):
+    """``queue_pop(key, block=False)`` on an empty queue (``torch.distributed.QueueEmptyError``)."""
 
 
 class EtcdStoreConnectionError(DistNetworkError, EtcdRendezvousError):
@@ -46,5 +50,6 @@ __all__ = [
     "EtcdStoreConnectionError",
     "EtcdStoreError",
     "EtcdStoreOutcomeUnknownError",
+    "EtcdStoreQueueEmptyError",
     "EtcdStoreTimeoutError",
 ]

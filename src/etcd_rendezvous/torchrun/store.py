@@ -73,6 +73,7 @@ from etcd_rendezvous.torchrun.errors import (
     EtcdStoreConnectionError,
     EtcdStoreError,
     EtcdStoreOutcomeUnknownError,
+    EtcdStoreQueueEmptyError,
     EtcdStoreTimeoutError,
 )
 
@@ -89,6 +90,10 @@ DEFAULT_RETRY_DEADLINE = 15.0
 
 #: Where, under the store's prefix, the operation markers live (see the module doc).
 MARKER_DIR = b"\x00etcd-store-ops/"
+#: Where, under the store's prefix, the items of ``queue_push`` live (one key each).
+QUEUE_DIR = b"\x00etcd-store-queues/"
+#: What ``num_keys``/``list_keys`` leave out and user keys may not start with.
+_RESERVED = b"\x00etcd-store-"
 
 KeyLike = str | bytes
 ValueLike = str | bytes | bytearray | memoryview
@@ -329,7 +334,7 @@ class EtcdStore(Store):
                     raise EtcdStoreError(f"EtcdStore.delete_key on key {key!r} kept conflicting")
 
     def num_keys(self) -> int:
-        """The number of keys in this store (this prefix only, operation markers excluded)."""
+        """The number of keys in this store (this prefix only; markers and queues excluded)."""
         resp = self._retry(
             "num_keys",
             [],
@@ -337,7 +342,7 @@ class EtcdStore(Store):
                 [],
                 [
                     Op.get(self._prefix, prefix=True, count_only=True),
-                    Op.get(self._prefix + MARKER_DIR, prefix=True, count_only=True),
+                    Op.get(self._prefix + _RESERVED, prefix=True, count_only=True),
                 ],
             ),
         )
@@ -365,12 +370,63 @@ class EtcdStore(Store):
             lambda: self._client.range(self._prefix, prefix=True, keys_only=True),
         )
         n = len(self._prefix)
-        markers = self._prefix + MARKER_DIR
+        reserved = self._prefix + _RESERVED
         return [
             kv.key[n:].decode("utf-8", "surrogateescape")
             for kv in resp.kvs
-            if not kv.key.startswith(markers)
+            if not kv.key.startswith(reserved)
         ]
+
+    def queue_push(self, key: KeyLike, value: ValueLike) -> None:
+        """Append ``value`` to the queue ``key`` (``TCPStore``'s queues; exactly once)."""
+        item = self._queue(key) + uuid.uuid4().hex.encode()
+        v = _to_bytes(value, "value")
+        with self._slot() as slot:
+            self._commit("queue_push", [key], slot, self._attempts(), [], [Op.put(item, v)], [])
+
+    def queue_pop(self, key: KeyLike, block: bool = True) -> bytes:
+        """Remove and return the oldest value of the queue ``key``.
+
+        When the queue is empty: wait up to ``timeout`` for a push (``block``), else
+        raise ``torch.distributed.QueueEmptyError``, as ``TCPStore`` does.
+        """
+        queue = self._queue(key)
+        seconds = _seconds(self._timeout)
+        deadline = time.monotonic() + seconds
+        with self._slot() as slot:
+            attempts = self._attempts()
+            while True:
+                resp = self._retry(
+                    "queue_pop",
+                    [key],
+                    lambda: self._client.range(
+                        queue, prefix=True, limit=1, sort_order="ASCEND", sort_target="CREATE"
+                    ),
+                )
+                if resp.kvs:
+                    head = resp.kvs[0]
+                    guard = Compare.mod_revision(head.key, "==", head.mod_revision)
+                    done = self._commit(
+                        "queue_pop", [key], slot, attempts, [guard], [Op.delete(head.key)], []
+                    )
+                    if isinstance(done, bytes):
+                        return head.value
+                    continue  # another consumer took it: the next one
+                if not block:
+                    raise EtcdStoreQueueEmptyError(f"queue {_show(key)!r} is empty")
+                if not self._wait_push(queue, resp.revision, deadline):
+                    raise EtcdStoreTimeoutError(
+                        f"wait timeout after {round(seconds * 1000)}ms, keys: {_show(key)} "
+                        f"(EtcdStore queue, prefix {self._prefix!r})"
+                    )
+
+    def queue_len(self, key: KeyLike) -> int:
+        """How many values the queue ``key`` holds."""
+        queue = self._queue(key)
+        resp = self._retry(
+            "queue_len", [key], lambda: self._client.range(queue, prefix=True, count_only=True)
+        )
+        return resp.count
 
     def has_extended_api(self) -> bool:
         """``append``, ``multi_get`` and ``multi_set`` are implemented (torch asks)."""
@@ -442,12 +498,33 @@ class EtcdStore(Store):
 
     def _key(self, key: KeyLike) -> bytes:
         raw = _to_bytes(key, "key")
-        if raw.startswith(MARKER_DIR):
+        if raw.startswith(_RESERVED):
             raise ValueError(
-                f"EtcdStore: key {key!r} starts with {MARKER_DIR!r}, reserved for the store's "
-                "operation markers; use another key"
+                f"EtcdStore: key {key!r} starts with {_RESERVED!r}, reserved for the store's "
+                "operation markers and queues; use another key"
             )
         return self._prefix + raw
+
+    def _queue(self, key: KeyLike) -> bytes:
+        return self._prefix + QUEUE_DIR + _to_bytes(key, "key") + b"/"
+
+    def _wait_push(self, queue: bytes, revision: int, deadline: float) -> bool:
+        """Whether a value is pushed to ``queue`` after ``revision`` before ``deadline``."""
+        try:
+            with self._client.watch(queue, prefix=True, start_revision=revision + 1) as watch:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    event = watch.next_event(timeout=remaining)
+                    if event is not None and event.type == "PUT":
+                        return True
+                    if event is None and watch.cancelled:
+                        raise EtcdWatchError(f"the watch on {queue!r} ended", key=queue)
+        except EtcdCompactedError:
+            return True  # read the queue again
+        except EtcdClientError as exc:
+            raise self._connection_error("queue_pop", [queue], exc) from exc
 
     @contextmanager
     def _slot(self) -> Iterator[_Slot]:
