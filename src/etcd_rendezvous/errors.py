@@ -72,6 +72,18 @@ class EtcdUnavailableError(EtcdClientError):
     """No endpoint could be reached (connection refused, reset, no leader)."""
 
 
+class EtcdOutcomeUnknownError(EtcdUnavailableError):
+    """A write may or may not have been applied, and was not resent.
+
+    The request may have reached etcd before the connection broke, or etcd
+    itself gave up waiting for it ("request timed out", "leader changed",
+    "transport is closing"): the write can still be committed. Read the data
+    back to learn the outcome. (An :class:`EtcdUnavailableError` that is not
+    this subclass means nothing was applied: etcd refused, or was never
+    reached.)
+    """
+
+
 class EtcdTimeoutError(EtcdClientError):
     """A request did not complete in time; for a write its outcome is unknown."""
 
@@ -132,6 +144,7 @@ __all__ = [
     "EtcdCompactedError",
     "EtcdLeaseLostError",
     "EtcdLeaseNotFoundError",
+    "EtcdOutcomeUnknownError",
     "EtcdPortInUseError",
     "EtcdRendezvousError",
     "EtcdRequestError",

@@ -51,6 +51,7 @@ from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdCompactedError,
     EtcdLeaseNotFoundError,
+    EtcdOutcomeUnknownError,
     EtcdRequestError,
     EtcdTimeoutError,
     EtcdUnavailableError,
@@ -116,6 +117,21 @@ def may_resend(error: EtcdClientError, message: str, *, idempotent: bool) -> boo
     if not isinstance(error, EtcdUnavailableError):
         return False
     return idempotent or message.strip() in _NOT_APPLIED
+
+
+def outcome_unknown(error: EtcdClientError) -> EtcdClientError:
+    """``error`` (not resent) as an :class:`EtcdOutcomeUnknownError` when a write may
+    have been applied: etcd said "unavailable" for a reason other than ``_NOT_APPLIED``
+    ("request timed out", "leader changed", "transport is closing", ...)."""
+    if not isinstance(error, EtcdUnavailableError) or isinstance(error, EtcdOutcomeUnknownError):
+        return error
+    unknown = EtcdOutcomeUnknownError(
+        f"{error}; the write may or may not have been applied (not retried)",
+        endpoint=error.endpoint,
+        key=error.key,
+    )
+    unknown.__cause__ = error
+    return unknown
 
 
 def translate_error(
@@ -564,7 +580,7 @@ class Transport:
                         endpoint=str(ep),
                         key=key,
                     ) from exc
-                raise EtcdUnavailableError(
+                raise EtcdOutcomeUnknownError(
                     f"etcd {path} on {ep}: connection lost before the reply{_describe_key(key)} "
                     f"({why}); the write may or may not have been applied (not retried)",
                     endpoint=str(ep),
@@ -600,7 +616,7 @@ class Transport:
                 if message.strip() in _ELECTING:
                     leaderless += 1
                 continue
-            raise err
+            raise err if idempotent else outcome_unknown(err)
         names = ", ".join(str(ep) for ep in order)
         if leaderless and leaderless + unsent == len(order):
             raise NoLeaderError(

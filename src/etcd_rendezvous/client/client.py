@@ -91,6 +91,20 @@ class EtcdClient:
         watch_probe_timeout: float | None = None,
         spread: bool = True,
     ) -> None:
+        # What copy() needs to open a client like this one (its own connections).
+        self._settings: dict[str, Any] = {
+            "endpoints": endpoints,
+            "timeout": timeout,
+            "ca_cert": ca_cert,
+            "cert": cert,
+            "key": key,
+            "username": username,
+            "password": password,
+            "connect_timeout": connect_timeout,
+            "watch_retry": watch_retry,
+            "watch_idle_check": watch_idle_check,
+            "watch_probe_timeout": watch_probe_timeout,
+        }
         self._transport = Transport(
             endpoints,
             timeout=timeout,
@@ -141,6 +155,11 @@ class EtcdClient:
         """The etcd server version, e.g. ``"3.5.1"``."""
         return self.status().version
 
+    def copy(self) -> EtcdClient:
+        """A new client with the same endpoints, settings and namespace, but its own
+        connections, watches and leases (closing one does not close the other)."""
+        return EtcdClient(**self._settings, namespace=self.namespace)
+
     def with_namespace(self, namespace: bytes | str) -> EtcdClient:
         """A view of this client with ``namespace`` appended to the current one.
 
@@ -148,6 +167,7 @@ class EtcdClient:
         for both (every watch is cancelled and every keep-alive stopped).
         """
         view = object.__new__(EtcdClient)
+        view._settings = self._settings
         view._transport = self._transport
         view.namespace = self.namespace + to_bytes(namespace)
         view._codec = Codec(view.namespace)

@@ -22,6 +22,7 @@ from etcd_rendezvous.torchrun.backend import BACKEND_NAME, EtcdRendezvousBackend
 from etcd_rendezvous.torchrun.errors import (
     EtcdStoreConnectionError,
     EtcdStoreError,
+    EtcdStoreOutcomeUnknownError,
     EtcdStoreTimeoutError,
 )
 from etcd_rendezvous.torchrun.plugin import create_rdzv_handler, get_handler_creator
@@ -33,6 +34,7 @@ __all__ = [
     "EtcdStore",
     "EtcdStoreConnectionError",
     "EtcdStoreError",
+    "EtcdStoreOutcomeUnknownError",
     "EtcdStoreTimeoutError",
     "create_rdzv_handler",
     "get_handler_creator",

@@ -33,7 +33,7 @@ from torch.distributed.elastic.rendezvous.api import (
 )
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend, Token
 
-from etcd_rendezvous.client import Compare, EtcdClient, KeyValue, Op, RangeResponse
+from etcd_rendezvous.client import Compare, EtcdClient, KeyValue, Op, RangeResponse, Retry
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseNotFoundError,
@@ -147,6 +147,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
         self, state: bytes, token: Token | None = None
     ) -> tuple[bytes, Token, bool] | None:
         """See base class."""
+        revision: int | None
         if token:
             try:
                 revision = int(token)
@@ -156,6 +157,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 return None if current is None else (*current, False)
             guard = Compare.mod_revision(self._key, "==", revision)
         else:
+            revision = None
             guard = Compare.create_revision(self._key, "==", 0)
 
         for attempt in range(2):
@@ -174,7 +176,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
                 raise self._connection_error("write", exc) from exc
             except (EtcdTimeoutError, EtcdUnavailableError) as exc:
                 # The write may or may not have happened: look.
-                return self._resolve_unknown_outcome(state, exc)
+                return self._resolve_unknown_outcome(state, guard, revision, lease, exc)
             except EtcdClientError as exc:
                 raise self._connection_error("write", exc) from exc
             if resp.succeeded:
@@ -188,17 +190,48 @@ class EtcdRendezvousBackend(RendezvousBackend):
     # -- internals -------------------------------------------------------------
 
     def _resolve_unknown_outcome(
-        self, state: bytes, exc: EtcdClientError
+        self,
+        state: bytes,
+        guard: Compare,
+        revision: int | None,
+        lease: int,
+        exc: EtcdClientError,
     ) -> tuple[bytes, Token, bool] | None:
+        """The outcome of a state write whose reply was lost, for certain.
+
+        Read the key: if the guard still holds, the write was not applied (yet), and
+        sending the same guarded transaction again is safe (whichever copy lands first
+        wins, every other one fails its guard), so it is sent again until one reply
+        tells. Otherwise the state read back says whether it was ours.
+        """
         log.info(
             "rendezvous %r: the outcome of a state write is unknown (%s); reading it back",
             self._run_id,
             exc,
         )
-        try:
-            kv = self._client.get(self._key)
-        except EtcdClientError as exc2:
-            raise self._connection_error("write", exc2) from exc
+        retry = Retry(deadline=self._client.timeout * 3, delay=0.05, max_delay=0.5)
+        last: EtcdClientError = exc
+        while True:
+            try:
+                kv = self._client.get(self._key)
+                if not _guard_holds(revision, kv):
+                    break
+                resp = self._client.txn(
+                    [guard],
+                    [Op.put(self._key, encode_state(state), lease=lease)],
+                    [Op.get(self._key)],
+                )
+            except (EtcdTimeoutError, EtcdUnavailableError) as again:
+                last = again
+                if not retry.sleep():
+                    raise self._connection_error("write", last) from exc
+                continue
+            except EtcdClientError as exc2:
+                raise self._connection_error("write", exc2) from exc
+            if resp.succeeded:
+                return state, resp.revision, True
+            kv = _first_kv(resp.responses)
+            break
         if kv is None:
             return None
         value, token = self._decode(kv)
@@ -245,6 +278,14 @@ class EtcdRendezvousBackend(RendezvousBackend):
 
     def __repr__(self) -> str:
         return f"EtcdRendezvousBackend(run_id={self._run_id!r}, key={self._key!r})"
+
+
+def _guard_holds(revision: int | None, kv: KeyValue | None) -> bool:
+    """Whether the write guard holds for ``kv``: ``mod_revision == revision``, or no key
+    when ``revision`` is ``None`` (a first write)."""
+    if revision is None:
+        return kv is None
+    return kv is not None and kv.mod_revision == revision
 
 
 def _first_kv(responses: Sequence[object]) -> KeyValue | None:

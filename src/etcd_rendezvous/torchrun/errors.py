@@ -8,7 +8,7 @@ a ``TCPStore`` failure) and from :class:`~etcd_rendezvous.errors.EtcdRendezvousE
 
 from __future__ import annotations
 
-from torch.distributed import DistNetworkError, DistStoreError
+from torch.distributed import DistNetworkError, DistStoreError, QueueEmptyError
 
 from etcd_rendezvous.errors import EtcdRendezvousError
 
@@ -25,6 +25,10 @@ class EtcdStoreTimeoutError(EtcdStoreError):
     """
 
 
+class EtcdStoreQueueEmptyError(QueueEmptyError, EtcdStoreError):
+    """``queue_pop(key, block=False)`` on an empty queue (``torch.distributed.QueueEmptyError``)."""
+
+
 class EtcdStoreConnectionError(DistNetworkError, EtcdRendezvousError):
     """etcd could not be reached, or a write's outcome is unknown.
 
@@ -33,4 +37,19 @@ class EtcdStoreConnectionError(DistNetworkError, EtcdRendezvousError):
     """
 
 
-__all__ = ["EtcdStoreConnectionError", "EtcdStoreError", "EtcdStoreTimeoutError"]
+class EtcdStoreOutcomeUnknownError(EtcdStoreConnectionError):
+    """A store write may or may not have been applied: etcd stopped answering after
+    the request may have reached it, and kept silent until the retry deadline.
+
+    The store never applies a write twice (see :class:`~etcd_rendezvous.torchrun.EtcdStore`),
+    so at most one application happened; read the key back to learn which.
+    """
+
+
+__all__ = [
+    "EtcdStoreConnectionError",
+    "EtcdStoreError",
+    "EtcdStoreOutcomeUnknownError",
+    "EtcdStoreQueueEmptyError",
+    "EtcdStoreTimeoutError",
+]
