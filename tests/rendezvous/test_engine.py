@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -263,3 +264,42 @@ def test_restart_with_the_same_node_id(etcd_client: EtcdClient, nodes: list[Rend
         first[1].join(WAIT)
         assignment = pending.result(WAIT)
     assert assignment.round == 2 and assignment.world_size == 2
+
+
+def test_a_restarted_leader_revokes_its_previous_leadership(
+    etcd_client: EtcdClient, nodes: list[Rendezvous]
+) -> None:
+    (old,) = make(nodes, etcd_client, 1, 1, 2, lease_ttl=30)
+    old.join(WAIT)
+    assert old.is_leader and old._leader_lease is not None
+    stale = old._leader_lease.id
+    # it "crashes" with its leader lease alive (as after a SIGKILL) and comes back
+    old._stopping.set()
+    silence(old)
+    reborn = Rendezvous(
+        etcd_client, "job", 1, 2, node_id=old.node_id, lease_ttl=30, last_call_timeout=0.2
+    )
+    nodes.append(reborn)
+    assignment = reborn.join(WAIT)
+    assert assignment.round == 2 and assignment.members == (old.node_id,)
+    fired = reborn._machine.fired
+    assert {"put-held", "leader-stale"} <= fired, fired  # the machine decided both revokes
+    assert reborn.is_leader and reborn._leader_lease is not None
+    assert reborn._leader_lease.id != stale
+    kv = etcd_client.get(Keys("job").leader)
+    assert kv is not None and kv.lease == reborn._leader_lease.id
+
+
+def test_a_lost_leader_lease_drops_the_leadership_then_it_is_taken_again(
+    etcd_client: EtcdClient, nodes: list[Rendezvous]
+) -> None:
+    (a,) = make(nodes, etcd_client, 1, 1, 2)
+    a.join(WAIT)
+    assert a.is_leader and a._leader_lease is not None
+    lost = a._leader_lease.id
+    with a._lock:  # the decision loop's next pass refreshes before it reads the watch
+        etcd_client.lease_revoke(lost)
+        a._leader_refreshed = -math.inf
+    wait_for(lambda: "leader-lease-lost" in a._machine.fired)
+    wait_for(lambda: a.is_leader and a._leader_lease is not None and a._leader_lease.id != lost)
+    assert a.num_nodes_waiting() == 0  # still working

@@ -266,6 +266,22 @@ CASES = [
         actions=(m.Resync,),
     ),
     Case("commit-lost-done", st(phase=m.Phase.LEFT), m.CommitLost()),
+    # a full read found our node id leading under another lease: our previous incarnation
+    Case(
+        "leader-stale",
+        dataclasses.replace(LEADER_FORMING, committing=1),
+        m.LeaderKeyStale(0x1234),
+        actions=(m.RevokeStale, m.Resync),
+    ),
+    Case("leader-stale-done", st(phase=m.Phase.LEFT), m.LeaderKeyStale(0x1234)),
+    # a refresh found our leader lease expired: the leadership is gone with it
+    Case(
+        "leader-lease-lost",
+        dataclasses.replace(LEADER_FORMING, committing=1),
+        m.LeaderLeaseLost(),
+        actions=(m.Resync,),
+    ),
+    Case("leader-lease-lost-done", st(phase=m.Phase.LEFT), m.LeaderLeaseLost()),
     # a member rejoined while others still run round 1: the leader probes the late ones
     Case(
         "probe-stragglers",
@@ -304,6 +320,28 @@ def test_row(case: Case) -> None:
 
 
 # --- behaviour in more detail ----------------------------------------------------------
+
+
+def test_a_stale_leader_key_is_revoked_and_ctl_read_again() -> None:
+    machine = m.Machine(CFG)
+    state, actions = machine.step(LEADER_FORMING, m.LeaderKeyStale(0x1234), 0.0)
+    assert actions == [m.RevokeStale(0x1234), m.Resync(m.Scope.CONTROL)]
+    assert state.nodes is None and state.committing == 0
+    assert m.scope(CFG, state) is m.Scope.CONTROL  # the leader's view is dropped
+
+
+def test_a_lost_leader_lease_drops_the_leadership() -> None:
+    machine = m.Machine(CFG)
+    forming = dataclasses.replace(LEADER_FORMING, committing=1)
+    state, actions = machine.step(forming, m.LeaderLeaseLost(), 0.0)
+    assert actions == [m.Resync(m.Scope.CONTROL)]
+    assert state.leader is None and state.nodes is None and state.committing == 0
+    assert not m.is_leader(CFG, state) and m.scope(CFG, state) is m.Scope.CONTROL
+    assert m.next_deadline(CFG, state) == forming.join_deadline  # the join still waits
+    # the re-read finds the key gone: the vacancy is filled as any other
+    snap = m.Snapshot(1, None, 0, None, False, None, None)
+    state, actions = machine.step(state, snap, 0.0)
+    assert actions == [m.AcquireLeadership()]
 
 
 def test_a_promoted_spare_gets_a_fresh_join_timeout() -> None:

@@ -239,7 +239,13 @@ class Executor(Core):
             log.debug("node %s could not mark its key as leaving: %s", self.node_id, exc)
 
     def _acquire(self) -> None:
-        """Try to create the leader key, attached to a leader lease of its own."""
+        """Try to create the leader key, attached to a leader lease of its own.
+
+        The create is guarded on the key's absence; a resend after a lost reply fails that
+        guard on our own key, so the failure branch reads the key back: under our lease, it
+        was applied. (The machine learns that we lead from the watch, as always.) A lease
+        grant whose reply was lost and is resent may leave an unused lease in etcd: it
+        holds no key and expires within its TTL."""
         if not self._lease_ok() or self._stopping.is_set():
             return
         hub = self._hub
@@ -252,14 +258,48 @@ class Executor(Core):
             self._leader_lease = lease
         self._leader_refreshed = self._clock()
         keys = self.keys
-        response = self._etcd(
-            self._client.txn,
-            [Compare.create_revision(keys.leader, "==", 0)],
-            [Op.put(keys.leader, encode(LeaderRecord(self.node_id, self.probe)), lease=lease.id)],
-        )
-        if response.succeeded:
+        put = Op.put(keys.leader, encode(LeaderRecord(self.node_id, self.probe)), lease=lease.id)
+        try:
+            response = self._etcd(
+                self._client.txn,
+                [Compare.create_revision(keys.leader, "==", 0)],
+                [put],
+                [Op.get(keys.leader)],
+            )
+        except EtcdLeaseNotFoundError:
+            # Our leader lease was revoked or expired before its refresh noticed (e.g. a
+            # peer's probe took us for gone): the vacancy we saw is that very key's; try
+            # again with a new lease, once (the txn is guarded on the key's absence).
+            log.info("node %s: leader lease %x is gone; taking a new one", self.node_id, lease.id)
+            lease = self._leader_lease = self._etcd(
+                self._client.lease, self.lease_ttl, keep_alive=False
+            )
+            lease.close()
+            put = Op.put(
+                keys.leader, encode(LeaderRecord(self.node_id, self.probe)), lease=lease.id
+            )
+            response = self._etcd(
+                self._client.txn,
+                [Compare.create_revision(keys.leader, "==", 0)],
+                [put],
+                [Op.get(keys.leader)],
+            )
+        revision = response.revision if response.succeeded else 0
+        if not response.succeeded:
+            # A resend after a lost reply fails its guard on our own key: read back who
+            # holds it (the failure branch's get) and compare with our lease.
+            read = response.responses[0] if response.responses else None
+            if isinstance(read, RangeResponse) and read.kvs and read.kvs[0].lease == lease.id:
+                revision = read.kvs[0].create_revision
+                log.info(
+                    "node %s: the reply to its leader-key create was lost; it was applied "
+                    "(revision %d)",
+                    self.node_id,
+                    revision,
+                )
+        if revision:
             if hub is not None:
-                hub.leader_created(response.revision)
+                hub.leader_created(revision)
             log.info("node %s leads rendezvous %s", self.node_id, self.run_id)
 
     def _put_node(self, action: m.PutNode) -> m.Event | None:
@@ -321,8 +361,9 @@ class Executor(Core):
 
     def _commit(self, action: m.CommitRound) -> m.Event | None:
         """Commit the round in one txn guarded on the previous round and on our leader
-        lease: a resend after a lost reply fails its guard (reported as CommitLost) and the
-        resync that follows reads whether the first attempt was applied."""
+        lease. A resend after a lost reply fails its guard: its failure branch reads the
+        round back, and finding our own record there means the first attempt was applied
+        (a success: the watch delivers the round); anything else is ``CommitLost``."""
         keys = self.keys
         if self._leader_lease is None:
             return m.CommitLost()  # our leadership expired: the resync says who leads now
@@ -332,12 +373,28 @@ class Executor(Core):
             if action.prev_revision == 0
             else Compare.mod_revision(keys.round, "==", action.prev_revision)
         )
+        value = encode(record)
         response = self._etcd(
             self._client.txn,
             [guard, Compare.lease(keys.leader, "==", self._leader_lease.id)],
-            [Op.put(keys.round, encode(record))],
+            [Op.put(keys.round, value)],
+            [Op.get(keys.round)],
         )
-        if response.succeeded:
+        applied = response.succeeded
+        if not applied:
+            # A resend after a lost reply fails its guard on our own commit: the failure
+            # branch read the round back; our record (its time is ours) means applied.
+            read = response.responses[0] if response.responses else None
+            if isinstance(read, RangeResponse) and read.kvs and read.kvs[0].value == value:
+                applied = True
+                log.info(
+                    "node %s: the reply to its commit of round %d was lost; it was applied "
+                    "(revision %d)",
+                    self.node_id,
+                    record.round,
+                    read.kvs[0].mod_revision,
+                )
+        if applied:
             log.info(
                 "node %s committed round %d of rendezvous %s: %d members, causes %s, "
                 "completed by %s (%s)",
@@ -397,13 +454,14 @@ class Executor(Core):
             )
             mine = self._leader_lease.id if self._leader_lease is not None else 0
             if snap.leader == self.node_id and stale not in (0, mine):
-                # Our previous incarnation (same node id, before a restart) still leads.
-                log.warning(
-                    "node %s restarted: revoking its previous leader lease %x", self.node_id, stale
+                # Our node id leads under a lease not ours: a previous incarnation (before
+                # a restart). The machine decides (row leader-stale: revoke it, re-read).
+                log.info(
+                    "node %s: the leader key is held in its name under lease %x, not ours",
+                    self.node_id,
+                    stale,
                 )
-                with contextlib.suppress(EtcdLeaseNotFoundError):
-                    self._etcd(self._client.lease_revoke, stale)
-                self._resync(m.Scope.CONTROL)
+                self._feed(m.LeaderKeyStale(stale))
                 return
             if not self._stopping.is_set():
                 # The decision loop opens the watch (from the read's revision on: nothing

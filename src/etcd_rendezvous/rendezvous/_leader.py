@@ -81,7 +81,9 @@ class LeaderLoop(Core):
                         self._resync(m.Scope.ALL)
                         continue
                     self._refresh_leadership()
-                    if events:
+                    if self._watch is not watch:
+                        pass  # stepped down (leader lease lost): this watch is done
+                    elif events:
                         self._feed_batch(events)
                     elif deadline is not None and self._clock() >= deadline:
                         self._feed(m.Tick())
@@ -135,7 +137,8 @@ class LeaderLoop(Core):
                 self.node_id,
                 self.run_id,
             )
-            self._leader_lease = None  # the leader key is gone: the watch tells everyone
+            self._leader_lease = None  # the leader key went with it
+            self._feed(m.LeaderLeaseLost())  # the machine decides (row leader-lease-lost)
         except EtcdClientError as exc:
             log.warning("node %s could not refresh its leader lease: %s", self.node_id, exc)
             # Try again shortly, not on every pass of the loop: a refusal comes back at

@@ -99,7 +99,11 @@ result matters comes back as an event: ``PutNodeFailed`` (the join fails at once
 put whose reply was lost is undone by a guarded delete), ``NodeKeyDeleted`` /
 ``DeleteRefused`` / ``DeleteFailed`` (a timed-out join fails only once its guarded
 deletion is done; refused because a round with us was committed, it takes that round),
-``CommitLost`` (the leader reads again).
+``CommitLost`` (the leader reads again), ``LeaderKeyStale`` (a full read found our node
+id leading under a lease not ours: a previous incarnation; row ``leader-stale`` revokes
+it and reads ``ctl/`` again), ``LeaderLeaseLost`` (a refresh found the leader lease
+expired: row ``leader-lease-lost`` drops the leadership, and everyone, us included, sees
+the leader key vanish).
 
 Costs: each node writes O(1) keys per round (its node key, perhaps one leader-create
 txn); nobody rewrites anyone else's state. Only the leader watches ``nodes/``
@@ -348,6 +352,21 @@ class CommitLost:
     leadership (the leader key's lease) is gone."""
 
 
+@dataclass(frozen=True)
+class LeaderKeyStale:
+    """A full read (``Resync(ALL)``) found the leader key held in our node id's name under
+    another ``lease``: a previous incarnation of this node (restarted under the same id)
+    still leads."""
+
+    lease: int
+
+
+@dataclass(frozen=True)
+class LeaderLeaseLost:
+    """A refresh of our leader lease found it gone (expired, e.g. after a pause): the
+    leader key went with it; we no longer lead."""
+
+
 Event = (
     Join
     | Leave
@@ -368,6 +387,8 @@ Event = (
     | DeleteRefused
     | DeleteFailed
     | CommitLost
+    | LeaderKeyStale
+    | LeaderLeaseLost
 )
 
 # --- actions -----------------------------------------------------------------------
@@ -890,6 +911,26 @@ def _commit_lost(cfg: Config, state: State, event: Event, now: float) -> tuple[S
     return replace(state, committing=0), [Resync(scope(cfg, state))]
 
 
+def _leader_stale(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """Our previous incarnation still leads: revoke its lease (the leader key vanishes at
+    once), and follow ``ctl/`` again: the vacancy that follows is filled as any other."""
+    if not isinstance(event, LeaderKeyStale):
+        raise TypeError(event)
+    state = replace(state, leader=None, nodes=None, min_reached_at=None, committing=0)
+    return state, [RevokeStale(event.lease), Resync(Scope.CONTROL)]
+
+
+def _leader_lease_lost(
+    cfg: Config, state: State, event: Event, now: float
+) -> tuple[State, list[Action]]:
+    """Our leader lease expired: we no longer lead (the leader key is gone with it, and
+    the others see it vanish); drop the leader's view and follow ``ctl/`` again."""
+    state = replace(state, leader=None, nodes=None, min_reached_at=None, committing=0)
+    return state, [Resync(Scope.CONTROL)]
+
+
 def _leave(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
     farewell = None
     actions: list[Action] = []
@@ -1254,6 +1295,10 @@ TRANSITIONS: tuple[Row, ...] = (
     Row("delete-failed", ANY, DeleteFailed, _always, None, _nothing),
     Row("commit-lost", ACTIVE, CommitLost, _always, None, _commit_lost),
     Row("commit-lost-done", DONE, CommitLost, _always, None, _nothing),
+    Row("leader-stale", ACTIVE, LeaderKeyStale, _always, None, _leader_stale),
+    Row("leader-stale-done", DONE, LeaderKeyStale, _always, None, _nothing),
+    Row("leader-lease-lost", ACTIVE, LeaderLeaseLost, _always, None, _leader_lease_lost),
+    Row("leader-lease-lost-done", DONE, LeaderLeaseLost, _always, None, _nothing),
     Row("round-other", ANY, RoundCommitted, _always, None, _notify_round),
     Row("closed-spare", _p(JOINING), ClosedSeen, _is_spare, CLOSED, _closed_spare),
     Row("closed-joining", _p(JOINING), ClosedSeen, _always, CLOSED, _closed_joining),
