@@ -33,7 +33,7 @@ class Stored:
     value: bytes
     create: int
     mod: int
-    owner: str | None  # the node whose lease the key is attached to
+    owner: int | None  # the lease the key is attached to (None: no lease)
 
 
 @dataclasses.dataclass
@@ -44,6 +44,9 @@ class SimNode:
     cursor: int = 0
     scope: m.Scope = m.Scope.CONTROL
     lease: bool = False
+    lease_id: int = 0  # its node lease (0: none yet); a restart gets a new one
+    leader_lease_id: int = 0  # its leader lease, separate as in the engine (0: none)
+    stale: list[int] = dataclasses.field(default_factory=list)  # a past incarnation's
     dead: bool = False
     started: bool = False
     paused: bool = False  # SIGSTOPped: sees nothing, does nothing
@@ -90,10 +93,22 @@ class World:
         self.log: list[tuple[int, str, Stored | None]] = []
         self.now = 0.0
         self.commits: dict[int, RoundRecord] = {}
+        self.leases = 0  # the last lease id granted
+
+    def _grant(self) -> int:
+        self.leases += 1
+        return self.leases
+
+    def _node_lease(self, node: SimNode) -> int:
+        """The node's lease, granted now if it has none (as the executor does)."""
+        node.lease = True
+        if not node.lease_id:
+            node.lease_id = self._grant()
+        return node.lease_id
 
     # --- the etcd model -------------------------------------------------------------
 
-    def _put(self, key: str, value: bytes, owner: str | None) -> None:
+    def _put(self, key: str, value: bytes, owner: int | None) -> None:
         self.rev += 1
         old = self.store.get(key)
         kv = Stored(value, old.create if old else self.rev, self.rev, owner)
@@ -106,10 +121,16 @@ class World:
             del self.store[key]
             self.log.append((self.rev, key, None))
 
-    def _revoke(self, node: SimNode) -> None:
-        for key in [k for k, v in self.store.items() if v.owner == node.node_id]:
+    def _revoke_lease(self, lease: int) -> None:
+        for key in [k for k, v in self.store.items() if lease and v.owner == lease]:
             self._delete(key)
+
+    def _revoke(self, node: SimNode) -> None:
+        """The node's leases go (revoked, or expired): its node and leader keys vanish."""
+        self._revoke_lease(node.lease_id)
+        self._revoke_lease(node.leader_lease_id)
         node.lease = False
+        node.lease_id = node.leader_lease_id = 0
 
     def _in_scope(self, node: SimNode, key: str) -> bool:
         return node.scope is m.Scope.ALL or key.startswith(self.keys.ctl)
@@ -117,6 +138,17 @@ class World:
     def _resync(self, node: SimNode, scope: m.Scope) -> None:
         node.scope = scope
         node.cursor = len(self.log)
+        leader = self.store.get(self.keys.leader)
+        if scope is m.Scope.ALL and leader is not None and leader.owner:
+            holder = decode(leader.value, key="leader")
+            if (
+                isinstance(holder, LeaderRecord)
+                and holder.node_id == node.node_id
+                and leader.owner != node.leader_lease_id
+            ):
+                # our node id leads under a lease not ours: a previous incarnation
+                self.feed(node, m.LeaderKeyStale(leader.owner))
+                return
         kvs = [
             (k, v.value, v.create, v.mod)
             for k, v in sorted(self.store.items())
@@ -140,8 +172,15 @@ class World:
             if node.refuse:
                 node.refuse -= 1
                 return m.PutNodeFailed("permission denied")
-            node.lease = True  # the executor grants a lease before the first put
-            self._put(keys.node(node.node_id), encode(action.record), node.node_id)
+            lease = self._node_lease(node)  # granted before the first put
+            key = keys.node(node.node_id)
+            held = self.store.get(key)
+            if held is not None and held.owner != lease:
+                # guarded as the executor's put: ours or absent, else who holds it
+                if held.owner is None:
+                    return m.PutNodeFailed(f"{key!r} exists without a lease")
+                return m.NodeKeyHeld(held.owner)
+            self._put(key, encode(action.record), lease)
             if node.lost_reply:
                 node.lost_reply -= 1
                 return m.PutNodeFailed("connection lost", maybe_applied=True)
@@ -155,29 +194,37 @@ class World:
                 if isinstance(record, RoundRecord) and node.node_id in record.members:
                     return m.DeleteRefused(record, mod)
             stored = self.store.get(keys.node(node.node_id))
-            if stored is not None and stored.owner == node.node_id:
+            if stored is not None and node.lease_id and stored.owner == node.lease_id:
                 self._delete(keys.node(node.node_id))
             return m.NodeKeyDeleted()
         elif isinstance(action, m.RevokeStale):
-            # never asked for: restart() below revokes the old incarnation's lease itself
-            raise InvariantError(f"{node.node_id} revoked a stale lease nobody held")
+            if action.lease in (node.lease_id, node.leader_lease_id):
+                raise InvariantError(f"{node.node_id} revoked its own lease as stale")
+            self._revoke_lease(action.lease)  # a previous incarnation's (see restart())
         elif isinstance(action, m.RevokeLease):
             key = keys.node(node.node_id)
             stored = self.store.get(key)
-            if action.farewell is not None and stored is not None and stored.owner == node.node_id:
-                self._put(key, encode(action.farewell), node.node_id)
+            if (
+                action.farewell is not None
+                and stored is not None
+                and node.lease_id
+                and stored.owner == node.lease_id
+            ):
+                self._put(key, encode(action.farewell), node.lease_id)
             self._revoke(node)
         elif isinstance(action, m.AcquireLeadership):
             if node.lease and keys.leader not in self.store:
+                if not node.leader_lease_id:
+                    node.leader_lease_id = self._grant()
                 record = LeaderRecord(node.node_id, node.machine.config.probe)
-                self._put(keys.leader, encode(record), node.node_id)
+                self._put(keys.leader, encode(record), node.leader_lease_id)
         elif isinstance(action, m.Resync):
             self._resync(node, action.scope)
         elif isinstance(action, m.CommitRound):
             return self._commit(node, action)
         elif isinstance(action, m.PublishStatus):
             leader = self.store.get(keys.leader)
-            if leader is not None and leader.owner == node.node_id:
+            if leader is not None and node.leader_lease_id and leader.owner == node.leader_lease_id:
                 self._check_status(action.record)
                 self._put(keys.status, encode(action.record), None)
         elif isinstance(action, m.PutClosed):
@@ -212,7 +259,8 @@ class World:
         ok = (
             (current.mod if current else 0) == action.prev_revision
             and leader is not None
-            and leader.owner == node.node_id
+            and bool(node.leader_lease_id)
+            and leader.owner == node.leader_lease_id
         )
         if not ok:
             return m.CommitLost()
@@ -305,7 +353,7 @@ class World:
             return
         if not node.started:
             node.started = True
-            node.lease = True  # the executor grants the lease, then reads
+            self._node_lease(node)  # the executor grants the lease, then reads
             self._resync(node, m.Scope.CONTROL)
         self.feed(node, m.Join(self.now + self.join_timeout, {}, self.join_timeout))
 
@@ -361,8 +409,11 @@ class World:
             node.dead = True
 
     def expire_dead(self, node_id: str) -> None:
-        """A crashed node's lease runs out."""
+        """A crashed node's lease runs out (and those of its past incarnations)."""
         node = self.nodes[node_id]
+        for lease in node.stale:
+            self._revoke_lease(lease)
+        node.stale.clear()
         if node.dead and node.lease:
             self._revoke(node)
 
@@ -400,13 +451,17 @@ class World:
             self.feed(node, m.LeaseLost())
 
     def restart(self, node_id: str) -> None:
-        """The process restarts under the same node id: the new incarnation revokes the
-        old lease (as the engine does on finding its key under another lease), starts
-        from nothing and joins."""
+        """The process restarts under the same node id, before its old leases expire
+        (a SIGKILL and a quick restart): the old incarnation's node key, and its leader
+        key if it led, stay under the old leases; the new incarnation, with leases of
+        its own, starts from nothing and joins. It finds its key held (row put-held) and
+        perhaps its leadership (row leader-stale), and revokes the old leases itself."""
         node = self.nodes[node_id]
         if not node.started or node.dead:
             return
-        self._revoke(node)
+        node.stale += [lease for lease in (node.lease_id, node.leader_lease_id) if lease]
+        node.lease = False
+        node.lease_id = node.leader_lease_id = 0  # the old ones live on in the store
         node.state = m.State()
         node.paused = node.lease_expired = False
         node.started = False

@@ -322,6 +322,19 @@ def test_row(case: Case) -> None:
 # --- behaviour in more detail ----------------------------------------------------------
 
 
+def test_a_leader_whose_timed_out_key_deletion_is_refused_reads_its_view_again() -> None:
+    """It dropped itself from its view on timing out; the refusal keeps its key: with
+    the stale view it would count itself lost and commit a round without itself."""
+    machine = m.Machine(CFG)
+    state = dataclasses.replace(LEADER_FORMING, join_deadline=5.0)
+    state, actions = machine.step(state, m.Tick(), 6.0)
+    assert actions == [m.DeleteNode(0)] and state.nodes is not None and "a" not in state.nodes
+    state, actions = machine.step(state, m.DeleteRefused(ROUND1, 9), 6.0)
+    assert state.phase is m.Phase.MEMBER and state.assignment is not None
+    assert not any(isinstance(a, m.CommitRound) for a in actions), actions
+    assert actions[-1] == m.Resync(m.Scope.ALL) and state.nodes is None
+
+
 def test_a_stale_leader_key_is_revoked_and_ctl_read_again() -> None:
     machine = m.Machine(CFG)
     state, actions = machine.step(LEADER_FORMING, m.LeaderKeyStale(0x1234), 0.0)

@@ -12,7 +12,7 @@ everything settled: every live node got a round unless it is a hot spare.
 from __future__ import annotations
 
 import rdzv_sim
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from etcd_rendezvous.rendezvous import _machine as m
@@ -320,3 +320,55 @@ def test_a_put_whose_reply_was_lost_leaves_no_key_behind() -> None:
     world.start("n0")
     world.settle(agents=False)
     assert world.commits[1].members == ("n0",)
+
+
+def fired(world: rdzv_sim.World) -> set[str]:
+    return set().union(*(node.machine.fired for node in world.nodes.values()))
+
+
+def test_a_restarted_leader_revokes_its_old_leases_and_leads_again() -> None:
+    """A restart under the same id before the old leases expire: the new incarnation
+    finds its node key held (row put-held) and its own leadership held under the old
+    leader lease (row leader-stale); it revokes both and the next round is committed."""
+    world = rdzv_sim.World(["n0", "n1"], min_nodes=1, max_nodes=2, last_call_timeout=1.0)
+    world.start("n0")
+    world.settle(agents=False)
+    world.start("n1")
+    world.settle()
+    leader = world.store[world.keys.leader]
+    assert world.nodes["n0"].leader_lease_id == leader.owner  # n0 leads (it came first)
+    world.restart("n0")
+    world.settle()
+    assert {"put-held", "leader-stale"} <= world.nodes["n0"].machine.fired
+    assert world.store[world.keys.leader].owner == world.nodes["n0"].leader_lease_id
+    last = world.commits[max(world.commits)]
+    assert last.members == ("n0", "n1") and last.round >= 2, world.commits
+    assert world.nodes["n0"].assignments[-1].round == last.round
+
+
+def test_the_fault_model_reaches_the_restart_rows() -> None:
+    """The random fault runs of test_fast_quorum_never_splits_the_brain do exercise the
+    restarted-incarnation rows (found by hypothesis, not scripted)."""
+    for row in ("put-held", "leader-stale"):
+
+        def reaches(case: tuple[rdzv_sim.World, list[tuple[str, object]]], row: str = row) -> bool:
+            world, ops = case
+            run_faults(world, ops)
+            return row in fired(world)
+
+        find(fault_worlds(), reaches, settings=settings(max_examples=2000, database=None))
+
+
+def test_a_leader_timing_out_as_its_round_commits_does_not_count_itself_lost() -> None:
+    """Found by hypothesis (test_invariants_hold): the leader's join timed out before it
+    saw its own commit; its refused key deletion made it a member, and its view (without
+    itself) must not commit a round 2 that counts it lost while it runs round 1."""
+    world = rdzv_sim.World(NODES, min_nodes=1, max_nodes=1, last_call_timeout=0.0, join_timeout=3.0)
+    world.start("n1")
+    world.start("n0")
+    world.deliver("n1")
+    world.advance(2.0)
+    world.advance(2.0)
+    world.settle()
+    assert world.commits[1].members == ("n1",) and 2 not in world.commits
+    assert world.nodes["n1"].state.phase is m.Phase.MEMBER

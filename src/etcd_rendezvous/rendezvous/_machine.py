@@ -864,11 +864,19 @@ def _refused_with_me(cfg: Config, state: State, event: Event, now: float) -> boo
 def _timeout_refused(
     cfg: Config, state: State, event: Event, now: float
 ) -> tuple[State, list[Action]]:
-    """The join timed out as a round with us was committed: take it (as torch does)."""
+    """The join timed out as a round with us was committed: take it (as torch does).
+
+    A leader dropped itself from its view when it timed out (it must not admit itself
+    meanwhile); its key stays, so that view is wrong now: it reads the truth again
+    rather than count itself lost."""
     if not isinstance(event, DeleteRefused):
         raise TypeError(event)
     state = replace(state, deleting=False)
-    return _deliver(cfg, state, RoundCommitted(event.record, event.revision), now)
+    state, actions = _deliver(cfg, state, RoundCommitted(event.record, event.revision), now)
+    if state.nodes is not None:
+        state = replace(state, nodes=None)
+        actions.append(Resync(Scope.ALL))
+    return state, actions
 
 
 def _put_failed(cfg: Config, state: State, event: Event, now: float) -> tuple[State, list[Action]]:
