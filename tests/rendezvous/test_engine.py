@@ -303,3 +303,20 @@ def test_a_lost_leader_lease_drops_the_leadership_then_it_is_taken_again(
     wait_for(lambda: "leader-lease-lost" in a._machine.fired)
     wait_for(lambda: a.is_leader and a._leader_lease is not None and a._leader_lease.id != lost)
     assert a.num_nodes_waiting() == 0  # still working
+
+
+def test_a_leader_lease_revoked_behind_its_back_is_replaced_when_it_reacquires(
+    etcd_client: EtcdClient, nodes: list[Rendezvous]
+) -> None:
+    """The watch shows the vacancy before a refresh notices the lease is gone (e.g. a
+    peer's probe took the leader for dead): the create must not die on the dead lease."""
+    (a,) = make(nodes, etcd_client, 1, 1, 2)
+    a.join(WAIT)
+    assert a.is_leader and a._leader_lease is not None
+    lost = a._leader_lease.id
+    with a._lock:  # no refresh due before the loop reads the deletion from its watch
+        etcd_client.lease_revoke(lost)
+        a._leader_refreshed = a._clock() + 60.0
+    wait_for(lambda: a.is_leader and a._leader_lease is not None and a._leader_lease.id != lost)
+    assert a._error is None
+    assert a.num_nodes_waiting() == 0
