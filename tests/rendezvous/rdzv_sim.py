@@ -425,6 +425,18 @@ class World:
         self._revoke(node)
         self.feed(node, m.LeaseLost())
 
+    def expire_leader(self, node_id: str) -> None:
+        """The node's leader lease runs out (its decision loop stalled past the TTL while
+        its node lease was kept alive): the leader key vanishes, and the loop's next
+        refresh finds the lease gone."""
+        node = self.nodes[node_id]
+        if node.dead or node.paused or not node.leader_lease_id:
+            return
+        self._revoke_lease(node.leader_lease_id)
+        node.leader_lease_id = 0
+        if node.state.leader == node_id:
+            self.feed(node, m.LeaderLeaseLost())
+
     def pause(self, node_id: str) -> None:
         node = self.nodes[node_id]
         if node.started and not node.dead:

@@ -11,9 +11,11 @@ everything settled: every live node got a round unless it is a hot spare.
 
 from __future__ import annotations
 
+import pytest
 import rdzv_sim
-from hypothesis import HealthCheck, find, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 from etcd_rendezvous.rendezvous import _machine as m
 
@@ -144,6 +146,7 @@ fault_op = st.one_of(
     st.tuples(st.just("expire_dead"), st.sampled_from(NODES)),
     st.tuples(st.just("refuse_put"), st.sampled_from(NODES)),
     st.tuples(st.just("lose_put_reply"), st.sampled_from(NODES)),
+    st.tuples(st.just("expire_leader"), st.sampled_from(NODES)),
     st.tuples(st.just("agents"), st.just(0)),
 )
 
@@ -177,6 +180,7 @@ def run_faults(world: rdzv_sim.World, ops: list[tuple[str, object]]) -> None:
             "expire_dead",
             "refuse_put",
             "lose_put_reply",
+            "expire_leader",
         ):
             getattr(world, name)(str(arg))
         else:
@@ -346,17 +350,24 @@ def test_a_restarted_leader_revokes_its_old_leases_and_leads_again() -> None:
     assert world.nodes["n0"].assignments[-1].round == last.round
 
 
-def test_the_fault_model_reaches_the_restart_rows() -> None:
+def test_the_fault_model_reaches_the_restart_and_leader_lease_rows() -> None:
     """The random fault runs of test_fast_quorum_never_splits_the_brain do exercise the
-    restarted-incarnation rows (found by hypothesis, not scripted)."""
-    for row in ("put-held", "leader-stale"):
+    restarted-incarnation rows and the lost leader lease (found by hypothesis, not
+    scripted)."""
+    rows = {"put-held", "leader-stale", "leader-lease-lost"}
+    seen: set[str] = set()
 
-        def reaches(case: tuple[rdzv_sim.World, list[tuple[str, object]]], row: str = row) -> bool:
-            world, ops = case
-            run_faults(world, ops)
-            return row in fired(world)
+    def reaches(case: tuple[rdzv_sim.World, list[tuple[str, object]]]) -> bool:
+        world, ops = case
+        run_faults(world, ops)
+        seen.update(fired(world))
+        return rows <= seen
 
-        find(fault_worlds(), reaches, settings=settings(max_examples=2000, database=None))
+    quick = settings(max_examples=2000, database=None, derandomize=True, phases=[Phase.generate])
+    try:
+        find(fault_worlds(), reaches, settings=quick)
+    except NoSuchExample:
+        pytest.fail(f"no fault run reached rows {sorted(rows - seen)}")
 
 
 def test_a_leader_timing_out_as_its_round_commits_does_not_count_itself_lost() -> None:
@@ -372,3 +383,23 @@ def test_a_leader_timing_out_as_its_round_commits_does_not_count_itself_lost() -
     world.settle()
     assert world.commits[1].members == ("n1",) and 2 not in world.commits
     assert world.nodes["n1"].state.phase is m.Phase.MEMBER
+
+
+def test_a_leader_whose_lease_expires_steps_down_and_the_next_round_forms() -> None:
+    world = rdzv_sim.World(["n0", "n1", "n2"], min_nodes=2, max_nodes=3)
+    for node_id in ("n0", "n1", "n2"):
+        world.start(node_id)
+    world.settle()
+    assert world.commits[1].members == ("n0", "n1", "n2")
+    leader = next(n for n in world.nodes.values() if n.leader_lease_id)
+    expired = leader.leader_lease_id
+    world.expire_leader(leader.node_id)
+    assert "leader-lease-lost" in leader.machine.fired
+    assert not m.is_leader(leader.machine.config, leader.state)
+    assert world.store[world.keys.leader].owner != expired  # the key went with the lease
+    world.settle()
+    assert world.keys.leader in world.store  # someone leads again
+    assert 2 not in world.commits  # nobody was lost: round 1 goes on
+    world.kill(next(n for n in ("n0", "n1", "n2") if not world.nodes[n].leader_lease_id))
+    world.settle()
+    assert len(world.commits[2].members) == 2, world.commits
