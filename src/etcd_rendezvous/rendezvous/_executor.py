@@ -1,8 +1,10 @@
 """Performing the machine's actions against etcd, and reporting their outcomes.
 
 Each action is carried out here; one whose outcome the machine must decide on returns
-it as an event (``PutNodeFailed``, ``NodeKeyDeleted``, ``DeleteRefused``,
-``DeleteFailed``, ``CommitLost``), which :meth:`Core._perform` feeds back. Every write is
+it as an event (``PutNodeFailed``, ``NodeKeyHeld``, ``NodeKeyDeleted``,
+``DeleteRefused``, ``DeleteFailed``, ``CommitLost``, and from a full read
+``LeaderKeyStale``), which :meth:`Core._perform` feeds back (the decision loop reports
+``LeaderLeaseLost``). Every write is
 guarded (a txn compare on a lease, a revision or an absent key) or writes the same value
 again, so that a resend after a lost reply is harmless.
 """
