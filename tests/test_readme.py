@@ -3,7 +3,9 @@
 Each ```python block of README.md runs in a fresh interpreter (in a scratch directory
 holding the PEM files the TLS snippet names); a block that defines pytest tests runs
 under pytest with the package's plugin. A block preceded by
-``<!-- readme-test: type-checked only, not run (why) -->`` is only type-checked.
+``<!-- readme-test: type-checked only, not run (why) -->`` is only type-checked;
+``<!-- readme-test: shown only (why) -->`` marks the test bed's own API (tests/, not the
+package), neither run nor type-checked here: its own tests run it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def snippets() -> list[Snippet]:
             m.group("marker") is None,
         )
         for m in _BLOCK.finditer(text)
+        # The test bed's own API (tests/multihost), not the package's: it needs root.
+        if "shown only" not in (m.group("marker") or "")
     ]
 
 

@@ -321,3 +321,13 @@ def test_empty_reply_is_recognised_through_the_exception_chain() -> None:
     refused = ProtocolError("Connection aborted.", ConnectionRefusedError(111, "refused"))
     assert empty_reply_message(refused) is None
     assert empty_reply_message(None) is None
+
+
+def test_an_old_auth_revision_is_a_token_error_that_is_retried() -> None:
+    """Permissions changed since the token was issued: etcd's applier refuses the request
+    (code 2, Unknown) before applying it; a fresh token and the request again cure it."""
+    message = "auth: revision in header is old"
+    body = f'{{"error":"{message}","code":2,"message":"{message}"}}'.encode()
+    err = translate_error("/v3/kv/txn", "http://e:1", 400, body, b"k")
+    assert isinstance(err, EtcdAuthError), err
+    assert any(token in str(err) for token in _TOKEN_ERRORS), err

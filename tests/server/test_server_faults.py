@@ -182,6 +182,8 @@ def test_a_live_owners_temp_dir_is_kept(etcd_binary: str, temp_root: Path) -> No
         child.wait()
         if pid_alive(etcd_pid):
             os.kill(etcd_pid, signal.SIGKILL)
+    # A process still exiting still uses the dir (its command line names it): wait.
+    assert wait_pid_gone(etcd_pid), f"etcd {etcd_pid} still runs after SIGKILL"
     assert remove_stale_dirs(str(temp_root)) == [str(temp_root / theirs)]
     assert _our_temp_dirs(temp_root) == []
 

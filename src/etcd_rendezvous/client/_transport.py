@@ -80,7 +80,15 @@ _NOT_APPLIED = frozenset(
     {"etcdserver: no leader", "etcdserver: not capable", "etcdserver: too many requests"}
 )
 # Errors that a fresh auth token fixes.
-_TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+# Replies after which a fresh token (and the request again) is the cure. etcd refuses such
+# a request before applying it: "revision in header is old" comes when permissions changed
+# since the token was issued (etcd's own client re-authenticates on it, ErrAuthOldRevision).
+_TOKEN_ERRORS = (
+    "invalid auth token",
+    "revision of auth store is old",
+    "revision in header is old",
+    "user name is empty",
+)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # Asks a member to fail a request at once when it has no leader (rather than keep it
@@ -166,9 +174,14 @@ def translate_error(
         return EtcdUnavailableError(text, endpoint=endpoint, key=key)
     if code == GRPC_DEADLINE_EXCEEDED:
         return EtcdTimeoutError(text, endpoint=endpoint, key=key)
-    if code in (GRPC_UNAUTHENTICATED, GRPC_PERMISSION_DENIED) or (
-        code in (GRPC_INVALID_ARGUMENT, GRPC_FAILED_PRECONDITION)
-        and ("auth" in message or "user" in message or "permission" in message)
+    if (
+        code in (GRPC_UNAUTHENTICATED, GRPC_PERMISSION_DENIED)
+        or (
+            code in (GRPC_INVALID_ARGUMENT, GRPC_FAILED_PRECONDITION)
+            and ("auth" in message or "user" in message or "permission" in message)
+        )
+        # The applier refused it (code 2, Unknown): permissions changed since the token.
+        or "revision in header is old" in message
     ):
         return EtcdAuthError(text, endpoint=endpoint, key=key)
     if code == GRPC_NOT_FOUND and "lease" in message:
