@@ -197,8 +197,11 @@ class NoLeaderError(EtcdUnavailableError):
     """Every member answered that it has no leader: the request was served nowhere."""
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    """A connection whose waits for a reply are registered with an :class:`InFlight`."""
+class _Watched:
+    """Registers a connection's waits for a reply with an :class:`InFlight` (a mixin of
+    urllib3's connection classes, plain and TLS)."""
+
+    sock: Any
 
     def __init__(self, *args: Any, inflight: InFlight, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -207,24 +210,17 @@ class _WatchedHTTPConnection(HTTPConnection):
     def getresponse(self) -> Any:
         token = self._inflight.waiting(self.sock)
         try:
-            return super().getresponse()
+            return super().getresponse()  # type: ignore[misc]
         finally:
             self._inflight.done(token)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    """An HTTP connection whose waits for a reply the monitor sees."""
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
     """:class:`_WatchedHTTPConnection` over TLS."""
-
-    def __init__(self, *args: Any, inflight: InFlight, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._inflight = inflight
-
-    def getresponse(self) -> Any:
-        token = self._inflight.waiting(self.sock)
-        try:
-            return super().getresponse()
-        finally:
-            self._inflight.done(token)
 
 
 class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
