@@ -580,6 +580,8 @@ class Transport:
                 if idempotent:
                     failures.append(f"{ep}: {why}")
                     last_exc = exc
+                    if cut is not None and "has no leader" in cut:
+                        leaderless += 1  # the monitor asked it: it is electing too
                     continue
                 if cut is not None:
                     # We stopped waiting for a reply that was not coming: a timeout.
