@@ -131,6 +131,8 @@ def _etcd_temp_dirs_left(root: str) -> list[str]:
         path = os.path.join(root, name)
         if not name.startswith(_tempdirs.PREFIX) or not os.path.isdir(path):
             continue
+        if name.startswith(f"{_tempdirs.PREFIX}locks-"):
+            continue  # the embedded election's lock files (torchrun/_embedded.py), not etcd data
         owner = _tempdirs.read_owner(path)
         if owner is None:
             who = "no owner marker"
