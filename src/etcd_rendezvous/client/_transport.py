@@ -19,6 +19,7 @@ exceptions by :func:`translate_error`, so the rules live in one place:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -422,18 +423,19 @@ class Transport:
         lease keep-alives in one request); the reply is then ``{"lines": [message,
         ...]}``, one decoded message per reply line.
         """
+        send = functools.partial(
+            self._send,
+            path,
+            body,
+            idempotent=idempotent,
+            key=key,
+            endpoint=endpoint,
+            timeout=timeout,
+            deadline=deadline,
+        )
         headers = self.headers()
         try:
-            return self._send(
-                path,
-                body,
-                headers=headers,
-                idempotent=idempotent,
-                key=key,
-                endpoint=endpoint,
-                timeout=timeout,
-                deadline=deadline,
-            )
+            return send(headers=headers)
         except EtcdAuthError as exc:
             if self._username is None or not any(t in str(exc) for t in _TOKEN_ERRORS):
                 raise
@@ -448,16 +450,7 @@ class Transport:
             self.authenticate(stale=stale)
             if not idempotent:
                 raise  # the outcome is unknown: the caller decides, never a blind resend
-        return self._send(
-            path,
-            body,
-            headers=self._headers,
-            idempotent=idempotent,
-            key=key,
-            endpoint=endpoint,
-            timeout=timeout,
-            deadline=deadline,
-        )
+        return send(headers=self._headers)
 
     def _send(
         self,
