@@ -30,7 +30,7 @@ from etcd_rendezvous.rendezvous import (
     RendezvousStateError,
     RendezvousTimeoutError,
 )
-from etcd_rendezvous.rendezvous._records import Keys, StatusRecord, decode, encode
+from etcd_rendezvous.rendezvous._records import Keys, NodeRecord, StatusRecord, decode, encode
 from etcd_rendezvous.server import EtcdServer
 
 JOIN_TIMEOUT = 6.0
@@ -305,3 +305,20 @@ def test_an_oversized_value_is_refused_before_parsing() -> None:
     with pytest.raises(RendezvousStateError, match="bytes long") as info:
         decode(value, key=key, run_id="job")
     assert info.value.key == key and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("opening", [b"[", b'{"k": ', b'[{"k": '])
+def test_deep_nesting_is_refused_before_parsing(opening: bytes) -> None:
+    """``json.loads`` never recurses into junk: near the interpreter's recursion limit a
+    garbage collection fails unrelated finalizers (seen on CI, Python 3.10)."""
+    key = Keys("job").status
+    with pytest.raises(RendezvousStateError, match="nested deeper than 32 levels") as info:
+        decode(opening * 50_000, key=key, run_id="job")
+    assert info.value.__cause__ is None  # refused by the count, not a RecursionError
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """Data values full of brackets (and escaped quotes) are a record like any other."""
+    node = NodeRecord(node_id="node-a", seen=1, data={"args": '["[[\\"' * 200, "{": "}" * 99})
+    key = Keys("job").node("node-a")
+    assert decode(encode(node), key=key, run_id="job") == node

@@ -24,7 +24,35 @@ MAX_RECORD_BYTES = 4 * 1024 * 1024
 
 DEFAULT_KEY_PREFIX = "/etcd-rendezvous/rdzv"
 
+MAX_NESTING = 32
+"""A record nests at most this deep; deeper JSON is junk, refused before it is parsed."""
+
 _NODE_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,200}$")
+_JSON_TOKEN = re.compile(r'[\[\]{}]|"(?:[^"\\]|\\.)*"')
+
+
+def _nesting(text: str) -> int:
+    """How deep the arrays and objects of the JSON ``text`` nest (strings skipped).
+
+    Counted before ``json.loads`` so that junk like ``[[[[...`` is refused without
+    parsing: the parser recurses once per level, and near the interpreter's limit a
+    garbage collection that runs finalizers fails them with ``RecursionError`` (seen
+    on Python 3.10), far from the record that caused it.
+    """
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return 0  # cannot nest deeper than it has brackets: the common case, no scan
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_NESTING:
+                    break
+        elif token in "]}":
+            depth -= 1
+    return deepest
 
 
 def check_node_id(node_id: str) -> str:
@@ -345,7 +373,12 @@ def decode(value: bytes, *, key: str, run_id: str | None = None) -> Record:
     if len(value) > MAX_RECORD_BYTES:
         raise fields.error(f"{len(value)} bytes long (a record is at most {MAX_RECORD_BYTES})")
     try:
-        obj = json.loads(value.decode("utf-8"))
+        text = value.decode("utf-8")
+        if _nesting(text) > MAX_NESTING:
+            raise fields.error(f"nested deeper than {MAX_NESTING} levels: {value[:80]!r}")
+        obj = json.loads(text)
+    except RendezvousStateError:
+        raise
     except (UnicodeDecodeError, ValueError) as exc:
         raise fields.error(f"not JSON ({exc}): {value[:80]!r}") from exc
     except Exception as exc:  # RecursionError (deep nesting), MemoryError, ...: still junk
