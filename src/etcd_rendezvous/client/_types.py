@@ -104,6 +104,12 @@ class Member:
     name: str
     peer_urls: list[str]
     client_urls: list[str]
+    is_learner: bool = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the member has started (one added but not started yet has no name)."""
+        return bool(self.name)
 
 
 EventType: TypeAlias = Literal["PUT", "DELETE"]

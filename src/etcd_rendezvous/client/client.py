@@ -493,18 +493,35 @@ class EtcdClient:
             return False
         return status.leader != 0
 
-    def members(self) -> list[Member]:
-        """The cluster's members."""
-        reply = self._call("/v3/cluster/member/list", {}, idempotent=True)
-        return [
-            Member(
-                id=to_int(m.get("ID")),
-                name=str(m.get("name", "")),
-                peer_urls=list(m.get("peerURLs") or ()),
-                client_urls=list(m.get("clientURLs") or ()),
-            )
-            for m in reply.get("members") or ()
-        ]
+    def members(self, *, linearizable: bool = False) -> list[Member]:
+        """The cluster's members (learners included: see :attr:`Member.is_learner`).
+
+        ``linearizable`` asks the leader (etcd 3.5+; ignored by 3.4), rather than the
+        member's own view, which may lag behind a change just made elsewhere.
+        """
+        body: dict[str, Any] = {"linearizable": True} if linearizable else {}
+        reply = self._call("/v3/cluster/member/list", body, idempotent=True)
+        return [_member(m) for m in reply.get("members") or ()]
+
+    def member_add(self, peer_urls: Sequence[str], *, learner: bool = False) -> Member:
+        """Add a member that will listen for peers at ``peer_urls`` (not started yet).
+
+        Not idempotent: if the reply is lost, :class:`EtcdOutcomeUnknownError` says the
+        member may have been added; list :meth:`members` and look for ``peer_urls``
+        (etcd refuses a second member with the same peer URLs, so a resend can never
+        add it twice, but it reports "Peer URLs already exists").
+        """
+        body = {"peerURLs": list(peer_urls), "isLearner": learner}
+        reply = self._call("/v3/cluster/member/add", body, idempotent=False)
+        return _member(reply.get("member") or {})
+
+    def member_remove(self, member_id: int) -> None:
+        """Remove a member (etcd raises "member not found" if it is already gone)."""
+        self._call("/v3/cluster/member/remove", {"ID": str(member_id)}, idempotent=False)
+
+    def member_promote(self, member_id: int) -> None:
+        """Make a learner a voting member (etcd refuses one not yet in sync with the leader)."""
+        self._call("/v3/cluster/member/promote", {"ID": str(member_id)}, idempotent=False)
 
     def current_revision(self) -> int:
         """The store's current revision."""
@@ -580,6 +597,16 @@ class EtcdClient:
     def __repr__(self) -> str:
         ns = f", namespace={self.namespace!r}" if self.namespace else ""
         return f"EtcdClient({','.join(self.endpoints)!r}{ns})"
+
+
+def _member(m: dict[str, Any]) -> Member:
+    return Member(
+        id=to_int(m.get("ID")),
+        name=str(m.get("name", "")),
+        peer_urls=list(m.get("peerURLs") or ()),
+        client_urls=list(m.get("clientURLs") or ()),
+        is_learner=bool(m.get("isLearner", False)),
+    )
 
 
 def _writes(op: AnyOp) -> bool:
