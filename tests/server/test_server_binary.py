@@ -51,12 +51,22 @@ def test_discovery_order(clean_env: Path, tmp_path: Path, monkeypatch: pytest.Mo
     assert find_etcd_binary(explicit) == explicit
 
 
-def test_unusable_env_value_is_skipped(
-    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("env", ["ETCD_BINARY", "TORCHELASTIC_ETCD_BINARY_PATH"])
+def test_an_unusable_env_value_is_an_error_not_another_etcd(
+    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str
 ) -> None:
-    monkeypatch.setenv("ETCD_BINARY", str(tmp_path / "missing"))
-    on_path = write_script(clean_env / "etcd", "exit 0")
-    assert find_etcd_binary() == on_path
+    """A typo in $ETCD_BINARY must not silently run whatever etcd is on $PATH."""
+    monkeypatch.setenv(env, str(tmp_path / "missing"))
+    write_script(clean_env / "etcd", "exit 0")
+    with pytest.raises(EtcdBinaryNotFoundError, match=rf"\${env}='.*missing' does not exist"):
+        find_etcd_binary()
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    monkeypatch.setenv(env, str(tmp_path / "not-executable"))
+    with pytest.raises(EtcdBinaryNotFoundError, match="not executable"):
+        find_etcd_binary()
+    # an explicit argument still wins over the variable
+    explicit = write_script(tmp_path / "explicit", "exit 0")
+    assert find_etcd_binary(explicit) == explicit
 
 
 def test_distro_console_script_is_unwrapped(

@@ -181,6 +181,14 @@ def find_etcd_binary(explicit: str | None = None) -> str:
                 f"etcd binary {explicit!r} does not exist or is not executable. {INSTALL_HINT}"
             )
         return path
+    for env in (ENV_BINARY, ENV_TORCH_BINARY):
+        value = os.environ.get(env)
+        if value and _resolve(value) is None:
+            # Set but unusable: a typo, never a reason to run another etcd than asked for.
+            raise EtcdBinaryNotFoundError(
+                f"${env}={value!r} does not exist or is not executable: fix it, or unset it "
+                f"to use the first etcd found otherwise. {INSTALL_HINT}"
+            )
     tried: list[str] = []
     for source, path, description in _candidates():
         if path is not None:
