@@ -101,6 +101,21 @@ def test_host_that_does_not_resolve_is_a_clean_error(etcd_binary: str) -> None:
     assert "cannot resolve 'nosuchhost.invalid'" in result.stderr
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]"])
+def test_a_wildcard_host_is_refused_it_cannot_be_advertised(etcd_binary: str, host: str) -> None:
+    """etcd would tell its clients http://0.0.0.0:PORT, which no other host can use."""
+    result = subprocess.run(
+        [*CLI, "serve", "--binary", etcd_binary, "--host", host],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    _no_traceback(result)
+    assert result.returncode == 2, result.stderr
+    assert "means every address" in result.stderr and "127.0.0.1" in result.stderr
+
+
 # --- members that die while serve runs --------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import signal
 import socket
@@ -110,6 +112,15 @@ def serve(
 def _check_host(host: str) -> None:
     """``--host`` must name an address of this machine (etcd listens on it)."""
     bare = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(bare).is_unspecified:
+            raise click.BadParameter(
+                f"{host!r} means every address, but etcd also tells its clients this "
+                "address (its advertised URL), where none of them can reach it: give one "
+                "address of this machine, e.g. 127.0.0.1 (this machine only) or the address "
+                "other hosts reach it at (see `ip -brief address`)",
+                param_hint="--host",
+            )
     try:
         infos = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
