@@ -19,8 +19,9 @@ def _free_port(host: str) -> int:
 
 def test_a_learner_joins_is_promoted_and_removed(etcd_binary: str) -> None:
     """127.0.0.2 is a second loopback address: a second "host" for the new member."""
-    timers = {"heartbeat_interval_ms": 100, "election_timeout_ms": 1000}
-    with EtcdServer(binary=etcd_binary, name="a", **timers) as seed:
+    with EtcdServer(
+        binary=etcd_binary, name="a", heartbeat_interval_ms=100, election_timeout_ms=1000
+    ) as seed:
         client = seed.get_client()
         peer = f"http://127.0.0.2:{_free_port('127.0.0.2')}"
         learner = client.member_add([peer], learner=True)
@@ -40,7 +41,7 @@ def test_a_learner_joins_is_promoted_and_removed(etcd_binary: str) -> None:
                 "--initial-cluster", f"a={seed.peer_url},b={peer}",
                 "--initial-cluster-state", "existing",
             ],
-            **timers,
+            heartbeat_interval_ms=100, election_timeout_ms=1000,
         )  # fmt: skip
         with second:
             deadline = time.monotonic() + 30
