@@ -254,6 +254,28 @@ def test_missing_tls_file_is_an_error_even_over_http(key: str) -> None:
         parse_options(params("http://127.0.0.1:2379", **{key: "/nope/x.pem"}))
 
 
+def test_tls_files_make_a_bare_endpoint_https(tls_paths: tuple[str, str, str]) -> None:
+    cert, key, ca = tls_paths
+    assert parse_options(params("h:2379", ca_cert=ca)).endpoint_list() == "https://h:2379"
+    opts = parse_options(params("h:1,g:2", ssl_cert=cert, ssl_cert_key=key))
+    assert opts.endpoint_list() == "https://h:1,https://g:2"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"protocol": "http"}, {}],
+    ids=["protocol=http", "http-scheme"],
+)
+def test_tls_files_with_a_plain_http_endpoint_are_an_error(
+    tls_paths: tuple[str, str, str], config: dict[str, Any]
+) -> None:
+    """Never silently unused: the user meant TLS, or gave the files by mistake."""
+    ca = tls_paths[2]
+    endpoint = "h:2379" if config else "http://h:2379"
+    with pytest.raises(OptionError, match=r"ca_cert given, but etcd is reached over plain http"):
+        parse_options(params(endpoint, ca_cert=ca, **config))
+
+
 def test_missing_tls_key_file_is_an_error(tmp_path: Path) -> None:
     cert = tmp_path / "c.pem"
     cert.write_text("x")

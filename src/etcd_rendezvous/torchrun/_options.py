@@ -179,7 +179,10 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
     strs = {key: _str(params, key) for key in _STR_OPTIONS}
     embedded = params.get_as_bool("embedded") if "embedded" in params.config else None
 
-    protocol = (strs["protocol"] or "http").lower()
+    tls_files = [key for key in ("ca_cert", "ssl_cert") if strs[key]]
+    # TLS files mean TLS: a bare host:port is then https (it used to be http, silently
+    # leaving the files unused).
+    protocol = (strs["protocol"] or ("https" if tls_files else "http")).lower()
     if protocol not in ("http", "https"):
         raise OptionError(f"--rdzv-conf protocol={strs['protocol']!r}: must be http or https")
     if strs["ssl_cert_key"] and not strs["ssl_cert"]:
@@ -195,6 +198,13 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
         raise OptionError("--rdzv-conf: give heartbeat or heartbeat_timeout, not both")
 
     endpoints, may_embed = _parse_endpoint(params.endpoint, params.run_id, protocol)
+    plain = [ep.url for ep in endpoints if ep.scheme == "http"]
+    if tls_files and plain:
+        raise OptionError(
+            f"--rdzv-conf {' and '.join(tls_files)} given, but etcd is reached over plain "
+            f"http at {', '.join(plain)} (where they would go unused): give https:// "
+            "endpoints (or bare host:port), or leave the TLS files out"
+        )
     if embedded is not None:
         # An explicit endpoint is never replaced by an embedded etcd unless asked for.
         may_embed = embedded and len(endpoints) == 1
