@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -339,3 +340,43 @@ def test_lock_directory_must_be_private(tmp_path: Any, monkeypatch: pytest.Monke
     monkeypatch.setenv(_embedded.LOCK_DIR_ENV, str(fresh))
     path = _embedded._lock_path(ep, "r")
     assert os.path.dirname(path) == str(fresh) and fresh.stat().st_mode & 0o777 == 0o700
+
+
+def test_stale_lock_files_are_removed_held_and_recent_ones_kept(tmp_path: Any) -> None:
+    """One lock file per job would pile up for ever: old ones nobody holds go."""
+    directory = tmp_path / "locks"
+    directory.mkdir(mode=0o700)
+    old, held, recent = (str(directory / f"{name}.lock") for name in ("old", "held", "recent"))
+    for path in (old, held, recent):
+        with open(path, "w") as fh:
+            fh.write("token")
+    day_ago = time.time() - 2 * _embedded.STALE_LOCK_AGE
+    os.utime(old, (day_ago, day_ago))
+    os.utime(held, (day_ago, day_ago))
+    fd = _embedded._try_lock(held)  # another open file: flock conflicts, as another process's
+    assert fd is not None
+    try:
+        assert _embedded._remove_stale_locks(str(directory)) == [old]
+        assert sorted(os.listdir(directory)) == ["held.lock", "recent.lock"]
+    finally:
+        _embedded._unlock(fd)
+
+
+def test_a_lock_won_on_a_removed_file_is_tried_again(tmp_path: Any) -> None:
+    """Two agents must never both win: a lock on a file unlinked meanwhile is no lock."""
+    path = str(tmp_path / "job.lock")
+    first = _embedded._try_lock(path)
+    assert first is not None
+    waiting = os.open(path, os.O_RDWR)  # a second agent opened the file, not locked yet
+    os.unlink(path)  # a cleanup removed it (under the lock)
+    _embedded._unlock(first)
+    second = _embedded._try_lock(path)  # a third agent: a new file, and wins it
+    assert second is not None
+    try:
+        # the second agent now locks its (removed) file: that must not count as a win
+        fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the old inode's lock
+        assert os.stat(path).st_ino != os.fstat(waiting).st_ino  # which _try_lock rejects
+        assert _embedded._try_lock(path) is None  # and its retry finds the real one held
+    finally:
+        os.close(waiting)
+        _embedded._unlock(second)

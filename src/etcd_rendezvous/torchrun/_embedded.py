@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -135,20 +136,80 @@ def _private_dir() -> str:
 
 def _lock_path(endpoint: Endpoint, run_id: str) -> str:
     """One lock file per user, run id and address: each job elects its own host."""
+    directory = _private_dir()
+    _remove_stale_locks_once(directory)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", endpoint.host)
     run = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:40]
     digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:12]
-    return os.path.join(_private_dir(), f"{run}-{digest}-{safe}-{endpoint.port}.lock")
+    return os.path.join(directory, f"{run}-{digest}-{safe}-{endpoint.port}.lock")
 
 
 def _try_lock(path: str) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    """The locked file descriptor of ``path``, or None if another process holds it.
+
+    A lock won on a file that was unlinked meanwhile (by :func:`_remove_stale_locks`)
+    is no lock: the path names another file now, so it is tried again.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        _unlock(fd)
+
+
+#: Lock files untouched for this long, and held by nobody, are removed (one per job
+#: would otherwise pile up in the lock directory for ever).
+STALE_LOCK_AGE = 24 * 3600.0
+
+
+def _remove_stale_locks(directory: str, older_than: float = STALE_LOCK_AGE) -> list[str]:
+    """Remove the lock files in ``directory`` older than ``older_than`` that nobody holds.
+
+    Safe against a process opening one meanwhile: it is removed only while locked here,
+    and :func:`_try_lock` retries a lock won on a removed file.
+    """
+    removed: list[str] = []
+    now = time.time()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.endswith(".lock"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path, follow_symlinks=False).st_mtime < older_than:
+                continue
+            fd = _try_lock(path)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # held: its job runs
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            _unlock(fd)
+    if removed:
+        log.debug("removed %d stale lock file(s) from %s", len(removed), directory)
+    return removed
+
+
+@functools.cache
+def _remove_stale_locks_once(directory: str) -> None:
+    _remove_stale_locks(directory)
 
 
 def _unlock(fd: int) -> None:
