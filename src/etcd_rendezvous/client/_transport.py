@@ -278,11 +278,16 @@ class Transport:
             else None
         )
         self._pools = {ep: self._new_pool(ep, pool_maxsize, watched=True) for ep in self.endpoints}
+        # Endpoints whose pool is a member's (not a two-connection pool for a status
+        # request to an arbitrary address), and pools replaced by set_endpoints (still
+        # open: a request may be using them; closed with the transport).
+        self._member_pools: set[Endpoint] = set(self.endpoints)
+        self._retired: list[urllib3.HTTPConnectionPool] = []
         self._stream_pools: dict[Endpoint, urllib3.HTTPConnectionPool] = {}
         # Many clients listing the same endpoints (every agent of a job) must not all
         # talk to the first one: a stall of that member would then hit all of them.
         self._pinned = random.randrange(len(self.endpoints)) if spread else 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # pinned is read under it too
         self._username = username
         self._password = password
         self._token: str | None = None
@@ -321,13 +326,50 @@ class Transport:
     @property
     def pinned(self) -> Endpoint:
         """The endpoint requests go to first."""
-        return self.endpoints[self._pinned]
+        with self._lock:
+            return self.endpoints[self._pinned]
 
     def rotation(self, start: Endpoint | None = None) -> list[Endpoint]:
-        """Every endpoint, beginning with ``start`` (default: the pinned one)."""
-        eps = self.endpoints
-        i = eps.index(start) if start is not None else self._pinned
+        """Every endpoint, beginning with ``start`` (default, or when ``start`` is no
+        longer listed: the pinned one)."""
+        with self._lock:
+            eps = self.endpoints
+            i = eps.index(start) if start is not None and start in eps else self._pinned
         return eps[i:] + eps[:i]
+
+    def set_endpoints(self, endpoints: str | Sequence[str]) -> bool:
+        """Send requests to ``endpoints`` from now on (the cluster's members, as they
+        change); whether the list changed. The pinned endpoint stays pinned while it is
+        listed (else a random one is: the clients of a job spread over the members).
+        Requests under way finish on the connections they have."""
+        new = parse_endpoints(endpoints, default_scheme=self.endpoints[0].scheme)
+        with self._lock:
+            if self._closed or set(new) == set(self.endpoints):
+                return False
+            if self._inflight is None and len(new) > 1:
+                # From one endpoint to several: requests stuck on a hung member are now
+                # worth giving up on (there is somewhere to fail over to).
+                self._inflight = InFlight(
+                    self._status, self._member_failed, probe_timeout=min(1.0, self.timeout / 2)
+                )
+                self._member_pools.clear()
+            for ep in new:
+                if ep not in self._member_pools:
+                    old = self._pools.get(ep)
+                    if old is not None:
+                        self._retired.append(old)
+                    self._pools[ep] = self._new_pool(ep, self._pool_maxsize, watched=True)
+                    self._member_pools.add(ep)
+            pinned = self.endpoints[self._pinned]
+            before = self.endpoints
+            self.endpoints = new
+            self._pinned = new.index(pinned) if pinned in new else random.randrange(len(new))
+        log.info(
+            "etcd client endpoints: %s (were %s)",
+            ",".join(ep.url for ep in new),
+            ",".join(ep.url for ep in before),
+        )
+        return True
 
     def _member_failed(self, ep: Endpoint, reason: str, hung: bool) -> None:
         """``ep`` hangs, is dead (``hung``) or has no leader: the next one goes first."""
@@ -349,10 +391,14 @@ class Transport:
             self._failure_listeners.append(listener)
 
     def pin(self, ep: Endpoint) -> None:
-        i = self.endpoints.index(ep)
-        if i != self._pinned:
-            log.info("etcd client now talks to %s", ep)
+        with self._lock:
+            if ep not in self.endpoints:
+                return  # dropped by set_endpoints meanwhile
+            i = self.endpoints.index(ep)
+            if i == self._pinned:
+                return
             self._pinned = i
+        log.info("etcd client now talks to %s", ep)
 
     def endpoint(self, spec: str | Endpoint) -> Endpoint:
         """The known endpoint matching ``spec`` (``host:port`` or a URL)."""
@@ -753,7 +799,7 @@ class Transport:
         if self._inflight is not None:
             self._inflight.close()
         with self._lock:
-            pools = [*self._pools.values(), *self._stream_pools.values()]
+            pools = [*self._pools.values(), *self._stream_pools.values(), *self._retired]
         for pool in pools:
             pool.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -70,6 +72,13 @@ class EtcdClient:
     the members, and a stall of one member does not hit them all. ``spread=False``
     always starts with the first endpoint.
 
+    ``autosync`` (seconds, default off): follow the cluster's membership. Every that
+    many seconds, and at once when a request finds a member dead or hung, the client
+    asks for the member list and from then on talks to the client URLs of its started
+    voting members (:meth:`sync_endpoints`), so members added later are used and
+    removed ones dropped. For clusters whose members change while the client lives
+    (the replicated embedded etcd of a multi-host torchrun job).
+
     Leases are kept alive by one thread per client (see
     :mod:`etcd_rendezvous.client.lease`), many leases per request.
     """
@@ -90,7 +99,10 @@ class EtcdClient:
         watch_idle_check: float | None = 5.0,
         watch_probe_timeout: float | None = None,
         spread: bool = True,
+        autosync: float | None = None,
     ) -> None:
+        if autosync is not None and not autosync > 0:
+            raise ValueError(f"autosync must be a positive number of seconds, got {autosync}")
         # What copy() needs to open a client like this one (its own connections).
         self._settings: dict[str, Any] = {
             "endpoints": endpoints,
@@ -104,6 +116,7 @@ class EtcdClient:
             "watch_retry": watch_retry,
             "watch_idle_check": watch_idle_check,
             "watch_probe_timeout": watch_probe_timeout,
+            "autosync": autosync,
         }
         self._transport = Transport(
             endpoints,
@@ -133,6 +146,7 @@ class EtcdClient:
         self._keeper = KeepAlive(self)
         self._closed = False
         self._transport.on_member_failed(self._move_watches)
+        self._sync = _EndpointSync(self, autosync) if autosync is not None else None
 
     # -- properties ----------------------------------------------------------
 
@@ -156,9 +170,36 @@ class EtcdClient:
         return self.status().version
 
     def copy(self) -> EtcdClient:
-        """A new client with the same endpoints, settings and namespace, but its own
-        connections, watches and leases (closing one does not close the other)."""
-        return EtcdClient(**self._settings, namespace=self.namespace)
+        """A new client with the same endpoints (those it knows now), settings and
+        namespace, but its own connections, watches and leases (closing one does not
+        close the other)."""
+        return EtcdClient(
+            **{**self._settings, "endpoints": self.endpoints}, namespace=self.namespace
+        )
+
+    def set_endpoints(self, endpoints: str | Sequence[str]) -> bool:
+        """Talk to ``endpoints`` from now on; whether they differ from the current ones.
+
+        The endpoint requests go to stays while it is listed. Requests, watches and
+        keep-alives under way carry on; the next ones use the new list.
+        """
+        return self._transport.set_endpoints(endpoints)
+
+    def sync_endpoints(self) -> list[str]:
+        """Learn the endpoints from the cluster: the client URLs of its started voting
+        members (learners serve no requests). The endpoints in use, afterwards.
+
+        Raises what :meth:`members` raises when no member answers.
+        """
+        urls = [
+            url
+            for member in self.members()
+            if member.started and not member.is_learner
+            for url in member.client_urls
+        ]
+        if urls:
+            self._transport.set_endpoints(urls)
+        return self.endpoints
 
     def with_namespace(self, namespace: bytes | str) -> EtcdClient:
         """A view of this client with ``namespace`` appended to the current one.
@@ -177,6 +218,7 @@ class EtcdClient:
         view._watches = self._watches
         view._leases = self._leases
         view._keeper = self._keeper
+        view._sync = self._sync
         view._closed = False
         return view
 
@@ -574,6 +616,8 @@ class EtcdClient:
         if self._closed:
             return
         self._closed = True
+        if self._sync is not None:
+            self._sync.close()
         for watch in list(self._watches):
             watch.cancel()
         for lease in list(self._leases):
@@ -597,6 +641,64 @@ class EtcdClient:
     def __repr__(self) -> str:
         ns = f", namespace={self.namespace!r}" if self.namespace else ""
         return f"EtcdClient({','.join(self.endpoints)!r}{ns})"
+
+
+#: Seconds of failing member-list requests between two warnings of an autosync client.
+_SYNC_WARN_AFTER = 30.0
+
+
+class _EndpointSync:
+    """The thread that keeps a client's endpoints at the cluster's members (autosync)."""
+
+    def __init__(self, client: EtcdClient, interval: float) -> None:
+        self.interval = interval
+        # Only a weak hold would let a forgotten client be collected; the thread ends
+        # with close(), which every owner calls (and it is a daemon).
+        self._client = client
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._failing_since: float | None = None
+        client._transport.on_member_failed(lambda *_: self._wake.set())
+        self._thread = threading.Thread(target=self._run, name="etcd-endpoint-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.clear()
+            self._sync_once()
+            self._wake.wait(self.interval)
+
+    def _sync_once(self) -> None:
+        try:
+            self._client.sync_endpoints()
+        except EtcdClientError as exc:
+            if self._closed.is_set():
+                return
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+                log.debug(
+                    "etcd member list unavailable (%s); keeping %s", exc, self._client.endpoints
+                )
+            elif now - self._failing_since > _SYNC_WARN_AFTER:
+                self._failing_since = now
+                log.warning(
+                    "etcd member list unavailable for %.0fs (%s); still using %s",
+                    _SYNC_WARN_AFTER,
+                    exc,
+                    ",".join(self._client.endpoints),
+                )
+        except Exception:  # a bug: say so, and keep following the members
+            log.exception("syncing the etcd client's endpoints failed")
+        else:
+            self._failing_since = None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            # Bounded: one member-list request (the client's timeout).
+            self._thread.join(self._client.timeout + 1.0)
 
 
 def _member(m: dict[str, Any]) -> Member:

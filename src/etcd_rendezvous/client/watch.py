@@ -375,11 +375,14 @@ class Watch:
 
     def _loop(self) -> None:
         retry = self._retry
-        endpoints = self._transport.endpoints
-        i = endpoints.index(self._transport.pinned)
+        endpoints = self._transport.rotation()
+        i = 0
         failed: list[str] = []
         last_error: BaseException | None = None
         while not self._cancelled.is_set():
+            current = self._transport.endpoints
+            if set(current) != set(endpoints):  # the client learned other members
+                endpoints, i = self._transport.rotation(), 0
             ep = endpoints[i % len(endpoints)]
             try:
                 self._stream(ep)
