@@ -1,4 +1,5 @@
-"""Running etcd: binary discovery, one member (:class:`EtcdServer`), a local :class:`EtcdCluster`.
+"""Running etcd: binary discovery, one member (:class:`EtcdServer`), a local :class:`EtcdCluster`,
+and :class:`EtcdReplica` (one host's member of a cluster that grows and heals itself).
 
 ``EtcdServer``, ``find_free_port`` and ``stop_etcd`` keep the names of torch's
 ``torch.distributed.elastic.rendezvous.etcd_server``: switch by changing the import.
@@ -16,6 +17,7 @@ from etcd_rendezvous.server._ports import find_free_port
 from etcd_rendezvous.server._process import EtcdProcess
 from etcd_rendezvous.server._security import TLSConfig
 from etcd_rendezvous.server.cluster import EtcdCluster, EtcdClusterMember
+from etcd_rendezvous.server.replica import EtcdReplica
 from etcd_rendezvous.server.server import EtcdServer, stop_etcd
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdClusterMember",
     "EtcdProcess",
+    "EtcdReplica",
     "EtcdServer",
     "TLSConfig",
     "etcd_version",
