@@ -136,6 +136,36 @@ def test_single_endpoint_embeds_only_when_asked_and_default_port() -> None:
     assert not parse_options(params("a:1,b:2", embedded="true")).may_embed
 
 
+def test_an_embedded_etcd_on_another_host_than_loopback_is_replicated() -> None:
+    """host0:PORT with embedded=true, or host0:0: the agents form a replicated etcd."""
+    opts = parse_options(params("host0:29500", embedded="true"))
+    assert opts.may_embed and opts.replicated and opts.members == 3
+    assert parse_options(params("10.0.0.7:0")).replicated
+    assert parse_options(params("host0:0", members="5")).members == 5
+    assert parse_options(params("host0:0", members="1")).replicated
+    # one machine: the single-member sidecar, as before
+    for endpoint in ("localhost:0", "127.0.0.1:0", "[::1]:0", ""):
+        assert not parse_options(params(endpoint)).replicated, endpoint
+    # never an explicit endpoint that was not asked for
+    assert not parse_options(params("host0:29500")).replicated
+    assert not parse_options(params("host0:0", embedded="false")).replicated
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ("2", r"members=2: use 1, 3 or 5"),
+        ("4", r"members=4: use 1, 3 or 5"),
+        ("7", r"members"),
+        ("0", r"members"),
+        ("three", r"members"),
+    ],
+)
+def test_members_must_be_1_3_or_5(members: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        parse_options(params("host0:0", members=members))
+
+
 def test_no_endpoint_means_the_jobs_own_embedded_etcd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ETCD_ENDPOINTS", raising=False)
     for endpoint in ("", "  "):

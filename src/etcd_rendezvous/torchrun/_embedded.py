@@ -14,14 +14,23 @@ answers, so an etcd that another user (or job) serves on the port is never used.
 sidecar lives as long as the winning agent's process (``EtcdServer`` stops it at exit
 and etcd dies with its parent).
 
-Like torch's ``c10d`` backend, which hosts its ``TCPStore`` in one agent, this
-makes the hosting agent a single point of failure: if it dies, the job's
-rendezvous state dies with it. Run a real etcd (ideally a 3-member cluster)
-and pass its endpoints to remove it.
+On one machine (a loopback endpoint), like torch's ``c10d`` backend, which hosts its
+``TCPStore`` in one agent, this makes the hosting agent a single point of failure: if
+it dies, the job's rendezvous state dies with it.
+
+Across hosts (``--rdzv-endpoint=host0:PORT`` with ``embedded=true``, or ``host0:0``),
+the embedded etcd is replicated (:func:`ensure_replicated`): the agent on ``host0``
+starts a one-member etcd; the agents on other hosts wait for it (saying so), and one
+agent per host joins it as a member (learner, then voter) until it has ``members``
+voting members (1, 3 or 5); a dead member is removed and a host without one takes its
+place (:class:`~etcd_rendezvous.server.EtcdReplica`). Every client learns the members'
+endpoints as they change. When the agents exit, their members leave and their data is
+removed.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -43,7 +52,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from etcd_rendezvous.client import Endpoint, EtcdClient
 from etcd_rendezvous.errors import EtcdClientError, EtcdPortInUseError, EtcdServerError
-from etcd_rendezvous.server import EtcdServer
+from etcd_rendezvous.server import EtcdReplica, EtcdServer
 
 log = logging.getLogger(__name__)
 # The notice that an agent hosts the job's etcd must reach torchrun's console:
@@ -63,6 +72,7 @@ class _Hosted:
 
 _hosted: dict[tuple[str, str, int], _Hosted] = {}  # (run id, host, port)
 _hosted_lock = threading.Lock()
+_replicas: dict[tuple[str, str, int], tuple[EtcdReplica, int]] = {}  # -> (replica, lock fd)
 
 
 def is_local_host(host: str) -> bool:
@@ -366,10 +376,19 @@ def _host(endpoint: Endpoint, fd: int, run_id: str, deadline: float) -> bool:
 
 
 def stop_embedded() -> None:
-    """Stop every etcd this process hosts and release the locks (tests, embedding apps)."""
+    """Stop every etcd this process hosts and release the locks (at exit; tests)."""
     with _hosted_lock:
         hosted = list(_hosted.values())
         _hosted.clear()
+        replicas = list(_replicas.values())
+        _replicas.clear()
+    for replica, fd in replicas:
+        try:
+            replica.stop()
+        except Exception:  # at exit: the next replica and the lock still matter
+            log.exception("stopping the embedded etcd member %s failed", replica)
+        finally:
+            _unlock(fd)
     for item in hosted:
         try:
             item.server.stop()
@@ -377,9 +396,196 @@ def stop_embedded() -> None:
             _unlock(item.lock_fd)
 
 
+# --- the replicated embedded etcd (across hosts) ----------------------------------------------
+
+#: Seconds between two console lines of an agent waiting for host0's etcd.
+_WAIT_REPORT_INTERVAL = 10.0
+
+
+def cluster_name(run_id: str) -> str:
+    """The name of a job's replicated etcd: its members are named ``<this>-<token>``."""
+    return _NAME_PREFIX + hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:12]
+
+
+def _cluster_at(endpoint: Endpoint, timeout: float) -> list[str] | None:
+    """The member names of the etcd answering at ``endpoint`` (None: nothing answers)."""
+    client = EtcdClient([endpoint.url], timeout=timeout, connect_timeout=timeout)
+    try:
+        return [member.name for member in client.members()]
+    except EtcdClientError:
+        return None
+    finally:
+        client.close()
+
+
+def _ours(names: list[str], cluster: str) -> bool:
+    """Every started member is named after the job's cluster (unstarted ones have no name)."""
+    return all(not name or name.startswith(cluster + "-") for name in names)
+
+
+def source_address(endpoint: Endpoint) -> str:
+    """The address of this host on the route to ``endpoint`` (what its peers reach it at)."""
+    family = socket.AF_INET6 if ":" in bind_address(endpoint.host) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # connect() sends nothing
+        probe.connect((bind_address(endpoint.host), endpoint.port))
+        return str(probe.getsockname()[0])
+
+
+def _wait_for_seed(endpoint: Endpoint, run_id: str, cluster: str, deadline: float) -> None:
+    """Wait until the job's etcd answers at ``endpoint`` (host0's agent starts it)."""
+    began = time.monotonic()
+    reported = began
+    while True:
+        names = _cluster_at(endpoint, timeout=1.0)
+        if names is not None:
+            if _ours(names, cluster):
+                return
+            raise RendezvousConnectionError(
+                f"run {run_id!r}: the etcd at {endpoint.url} is not this job's (its members "
+                f"{sorted(names)} are not named {cluster}-...: another job or user serves the "
+                "port); pass another port in --rdzv-endpoint, or host0:0 for one derived "
+                "from the run id"
+            )
+        now = time.monotonic()
+        if now >= deadline:
+            raise RendezvousConnectionError(
+                f"run {run_id!r}: no etcd answers at {endpoint.url} after {now - began:.0f}s: "
+                f"the agent on {endpoint.host} starts the job's embedded etcd there; start "
+                "it (or check that this host reaches that address)"
+            )
+        if now - reported >= _WAIT_REPORT_INTERVAL:
+            reported = now
+            _agent_log.warning(
+                "Run %r: waiting for the agent on %s to start the job's etcd at %s "
+                "(%.0fs, giving up after %.0fs)",
+                run_id,
+                endpoint.host,
+                endpoint.url,
+                now - began,
+                deadline - began,
+            )
+        time.sleep(0.2)
+
+
+def ensure_replicated(endpoint: Endpoint, run_id: str, members: int, timeout: float) -> list[str]:
+    """Make sure the job's replicated etcd runs; the client URLs of its members.
+
+    On ``endpoint``'s host, the agent that wins the per-host lock starts a one-member
+    etcd at ``endpoint``. Everywhere else the agents wait (at most ``timeout`` seconds,
+    saying so every few seconds) until that etcd answers with members named after the
+    job (never another job's etcd on the port); then the agent that wins its host's
+    lock runs an :class:`EtcdReplica` that adds this host as a member while the cluster
+    has fewer than ``members``, and replaces dead members. The replica leaves (its
+    member removed, its data deleted) when this process exits.
+    """
+    if endpoint.scheme != "http":
+        raise RendezvousConnectionError(
+            f"the embedded etcd only serves plain http, not {endpoint.url}: start etcd "
+            "yourself for TLS and pass it with --rdzv-endpoint, or use protocol=http"
+        )
+    cluster = cluster_name(run_id)
+    key = (run_id, endpoint.host, endpoint.port)
+    deadline = time.monotonic() + timeout
+    seed_host = is_local_host(endpoint.host)
+    with _hosted_lock:
+        held = _replicas.get(key)
+        if held is not None:
+            return held[0].endpoints or [endpoint.url]
+        fd = _try_lock(_lock_path(endpoint, run_id + ".replica"))
+        if fd is not None and seed_host:
+            try:
+                names = _cluster_at(endpoint, timeout=0.5)
+                if names is not None and not _ours(names, cluster):
+                    raise RendezvousConnectionError(
+                        f"run {run_id!r}: cannot host the job's etcd at {endpoint.url}: an "
+                        f"etcd this job did not start answers there (members {sorted(names)}). "
+                        "Pass another port in --rdzv-endpoint, or host0:0 for one derived "
+                        "from the run id"
+                    )
+                replica = _replica(cluster, bind_address(endpoint.host), endpoint, members)
+                if names is None:
+                    replica.seed(timeout=max(deadline - time.monotonic(), 5.0))
+                    _announce(run_id, endpoint, members, replica, seeded=True)
+                else:  # our cluster already runs here (this host's member is back)
+                    replica.join([endpoint.url])
+                _register(key, replica, fd)
+                return replica.endpoints or [endpoint.url]
+            except EtcdServerError as exc:
+                _unlock(fd)
+                raise RendezvousConnectionError(
+                    f"run {run_id!r}: no etcd answers at {endpoint.url} and hosting one "
+                    f"there failed: {exc}"
+                ) from exc
+            except BaseException:
+                _unlock(fd)
+                raise
+    try:
+        _wait_for_seed(endpoint, run_id, cluster, deadline)
+        if fd is not None:
+            replica = _replica(cluster, source_address(endpoint), endpoint, members)
+            replica.join([endpoint.url])
+            with _hosted_lock:
+                _register(key, replica, fd)
+            _announce(run_id, endpoint, members, replica, seeded=False)
+    except BaseException:
+        if fd is not None:
+            _unlock(fd)
+        raise
+    client = EtcdClient([endpoint.url], timeout=2.0)
+    try:
+        urls = [
+            url
+            for member in client.members()
+            if member.started and not member.is_learner
+            for url in member.client_urls
+        ]
+    except EtcdClientError:
+        urls = []
+    finally:
+        client.close()
+    return urls or [endpoint.url]
+
+
+def _replica(cluster: str, address: str, endpoint: Endpoint, members: int) -> EtcdReplica:
+    return EtcdReplica(cluster=cluster, address=address, port=endpoint.port, size=members)
+
+
+def _register(key: tuple[str, str, int], replica: EtcdReplica, fd: int) -> None:
+    """Called with ``_hosted_lock`` held."""
+    if not _replicas and not _hosted:
+        atexit.register(stop_embedded)
+    _replicas[key] = (replica, fd)
+
+
+def _announce(
+    run_id: str, endpoint: Endpoint, members: int, replica: EtcdReplica, *, seeded: bool
+) -> None:
+    if seeded:
+        _agent_log.warning(
+            "Run %r: this agent (pid %d) started the job's etcd at %s; agents on other "
+            "hosts join it until it has %d member%s (--rdzv-conf members=%d)%s",
+            run_id,
+            os.getpid(),
+            endpoint.url,
+            members,
+            "" if members == 1 else "s",
+            members,
+            ": a single point of failure, as c10d's store host" if members == 1 else "",
+        )
+    else:
+        log.info(
+            "run %r: this agent (pid %d) manages this host's member of the job's etcd (%s)",
+            run_id,
+            os.getpid(),
+            replica,
+        )
+
+
 __all__ = [
     "bind_address",
+    "cluster_name",
     "ensure_local_etcd",
+    "ensure_replicated",
     "etcd_answers",
     "host_alive",
     "is_hosting",

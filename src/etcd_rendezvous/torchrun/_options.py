@@ -7,6 +7,7 @@ and the value) before any node waits.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import zlib
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ EMBEDDED_PORT_SPAN = 12000
 
 _DAY = 86400
 
+#: Voting etcd members a multi-host embedded job forms by default (survives one host).
+DEFAULT_MEMBERS = 3
+
 #: Every integer option and its range (inclusive). Durations in seconds: each
 #: bound is far beyond any sensible value, and keeps a typo (or ``10**18``) from
 #: overflowing a ``timedelta`` or being handed to etcd as a lease TTL.
@@ -46,6 +50,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "keep_alive_max_attempt": (1, 1000),
     "timeout": (1, 365 * _DAY),
     "ttl": (1, 365 * _DAY),
+    "members": (1, 5),
 }
 _INT_OPTIONS = tuple(INT_RANGES)
 #: The TLS files: each must exist (even with a plain-http endpoint, where it would
@@ -97,6 +102,25 @@ class EtcdV3Options:
     heartbeat_timeout: timedelta | None
     keep_alive_interval: int
     keep_alive_max_attempt: int
+    #: How many voting etcd members the agents of a multi-host embedded job form (1, 3
+    #: or 5): see :attr:`replicated`.
+    members: int = DEFAULT_MEMBERS
+
+    @property
+    def replicated(self) -> bool:
+        """The embedded etcd spans hosts: the endpoint names a host other than loopback
+        (``host0:PORT`` with ``embedded=true``, or ``host0:0``). The agent on ``host0``
+        starts it; agents on other hosts wait for it, then join it as members until it
+        has :attr:`members` (see ``_embedded.ensure_replicated``)."""
+        if not self.may_embed:
+            return False
+        host = self.endpoints[0].host
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
 
     @property
     def request_timeout(self) -> float:
@@ -227,7 +251,19 @@ def parse_options(params: RendezvousParameters) -> EtcdV3Options:
         heartbeat_timeout=_seconds(ints["heartbeat"] or ints["heartbeat_timeout"]),
         keep_alive_interval=ints["keep_alive_interval"] or 5,
         keep_alive_max_attempt=ints["keep_alive_max_attempt"] or 3,
+        members=_members(ints["members"]),
     )
+
+
+def _members(value: int | None) -> int:
+    if value is None:
+        return DEFAULT_MEMBERS
+    if value % 2 == 0:
+        raise OptionError(
+            f"--rdzv-conf members={value}: use 1, 3 or 5 (an even number of etcd members "
+            "tolerates no more failures than one fewer, and costs a member more)"
+        )
+    return value
 
 
 #: Where an omitted ``--rdzv-endpoint`` is taken from (as the CLI's ``--endpoints``).

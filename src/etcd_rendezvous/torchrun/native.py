@@ -719,9 +719,13 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
     except (engine.RendezvousError, EtcdClientError) as exc:
         _clients.release(client)
         raise _torch_error(exc, params.run_id) from exc
+    # The single-machine embedded etcd dies with its host agent (the watchdog then
+    # fails the handler fast); a replicated one outlives any one host.
     embedded = (
         opts.endpoints[0]
-        if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host)
+        if opts.may_embed
+        and not opts.replicated
+        and _embedded.is_local_host(opts.endpoints[0].host)
         else None
     )
     store = EtcdStore(
@@ -758,7 +762,11 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
         fast_quorum,
         rdzv.probe.partition("@")[2] or "off",
     )
-    watchdog = create_client(opts, timeout=WATCHDOG_INTERVAL)
+    # On a replicated embedded etcd, the members the shared client knows by now (host0,
+    # the seed, may be gone later): the watchdog's own client follows them from there.
+    watchdog = create_client(
+        opts, timeout=WATCHDOG_INTERVAL, endpoints=client.endpoints if opts.replicated else None
+    )
     return NativeRendezvousHandler(
         rdzv,
         store,

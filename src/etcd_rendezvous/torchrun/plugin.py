@@ -36,8 +36,12 @@ agents on this machine (see :mod:`etcd_rendezvous.torchrun._embedded`).
 ``heartbeat``              (or ``heartbeat_timeout``, the name torch reads)
 ``keep_alive_interval``    seconds between heartbeats (default 5)
 ``keep_alive_max_attempt`` missed heartbeats before a node is dead (default 3)
-``embedded``               ``true`` to host the job's etcd in an agent at the
-                           (local) endpoint given; ``false`` to never host one
+``embedded``               ``true`` to host the job's etcd in the agents at the
+                           endpoint given (on another host than loopback: a
+                           replicated etcd the agents form, see ``members``);
+                           ``false`` to never host one
+``members``                voting etcd members of a multi-host embedded etcd:
+                           1, 3 (default) or 5
 =========================  =====================================================
 
 Any other option, a bad value or a bad endpoint raises ``ValueError`` naming
@@ -73,26 +77,45 @@ log = logging.getLogger(__name__)
 EMBEDDED_START_TIMEOUT = 60.0
 
 
-def create_client(opts: EtcdV3Options, *, timeout: float | None = None) -> EtcdClient:
-    """An :class:`EtcdClient` for the options' endpoints, TLS and credentials."""
+#: Seconds between two refreshes of a client's endpoints from the member list, on a
+#: replicated embedded etcd (members join, die and are replaced while the job runs).
+AUTOSYNC_INTERVAL = 1.0
+
+
+def create_client(
+    opts: EtcdV3Options, *, timeout: float | None = None, endpoints: list[str] | None = None
+) -> EtcdClient:
+    """An :class:`EtcdClient` for the options' endpoints (or ``endpoints``), TLS and
+    credentials; on a replicated embedded etcd it follows the members as they change."""
     return EtcdClient(
-        [ep.url for ep in opts.endpoints],
+        endpoints or [ep.url for ep in opts.endpoints],
         timeout=opts.request_timeout if timeout is None else timeout,
         ca_cert=opts.ca_cert,
         cert=opts.ssl_cert,
         key=opts.ssl_cert_key,
         username=opts.username,
         password=opts.password,
+        autosync=AUTOSYNC_INTERVAL if opts.replicated else None,
     )
 
 
 def connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
     """Host the embedded etcd when needed, then a client that answers (or fail clearly)."""
+    if opts.replicated:
+        # Across hosts: host0's agent starts it, the others wait for it and join it.
+        urls = _embedded.ensure_replicated(
+            opts.endpoints[0], params.run_id, opts.members, EMBEDDED_START_TIMEOUT
+        )
+        return _checked(create_client(opts, endpoints=urls), opts, params)
     if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
         # The job's own sidecar (hosted here, or by another agent of the job on this
         # machine and verified to be it): never an etcd that merely answers there.
         _embedded.ensure_local_etcd(opts.endpoints[0], params.run_id, EMBEDDED_START_TIMEOUT)
-    client = create_client(opts)
+    return _checked(create_client(opts), opts, params)
+
+
+def _checked(client: EtcdClient, opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
+    """``client`` once etcd answers it (else closed, and a clear error)."""
     try:
         version = client.status().version
     except EtcdClientError as exc:
@@ -102,7 +125,8 @@ def connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
             if opts.may_embed
             else " (an explicit endpoint is never replaced by an "
             "embedded etcd: leave it out, or pass localhost:0, to host one in an agent "
-            "on this machine)"
+            "on this machine; for a job across hosts, add --rdzv-conf=embedded=true, or "
+            "pass HOST:0, and the agents form a replicated etcd on HOST and beside it)"
         )
         raise RendezvousConnectionError(
             f"--rdzv-backend={params.backend}: no etcd answers at --rdzv-endpoint "
