@@ -11,14 +11,21 @@ out instead of being refused). Measured: the time from the kill until the N-1
 survivors' workers run again in a world of N-1; then they are told to finish and must
 exit 0.
 
+Backends (``--backends``): torch's names, and ``etcd-v3-embedded``: ``etcd-v3`` with
+``--rdzv-endpoint=h0:29500 --rdzv-conf=embedded=true`` and no etcd host, so the agents
+form a replicated etcd themselves (h0's agent seeds it, three hosts' agents run its
+members; the fault comes once it has its three members, "etcd of 3 formed").
+
 Victims (``--victims``): ``endpoint`` is ``h0``, the host named in ``--rdzv-endpoint``
-for ``c10d`` (its agent hosts the TCPStore: c10d is expected to die with it; for the
-etcd backends ``h0`` is one agent like the others, etcd runs on a host of its own);
-``agent`` is ``h<N-1>``, a host that holds no store.
+for ``c10d`` (its agent hosts the TCPStore: c10d is expected to die with it) and for
+``etcd-v3-embedded`` (its agent seeded the etcd and runs a member of it); for the other
+etcd backends ``h0`` is one agent like the others, etcd runs on a host of its own;
+``agent`` is ``h<N-1>``, a host that holds no store (for ``etcd-v3-embedded``: no
+member, it waits to replace one).
 
     python benchmarks/lab.py --scenario kill-host [--hosts 4] [--runs 1]
-        [--backends etcd-v3,c10d] [--victims endpoint,agent] [--bound 90] [--power-off]
-        [--keep-logs DIR]
+        [--backends etcd-v3-embedded,c10d,etcd-v3] [--victims endpoint,agent]
+        [--bound 90] [--power-off] [--keep-logs DIR]
     python benchmarks/lab.py --scenario partition-host [--partition-seconds 10] ...
 
 ``partition-host``: the victim's link goes down instead (its processes live on, cut
@@ -49,11 +56,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from multihost.harness import TorchrunJob, start_etcd  # noqa: E402
+from multihost.harness import TorchrunJob, start_etcd, wait_voters  # noqa: E402
 from multihost.netlab import Lab, unavailable  # noqa: E402
 
 ETCD_BACKENDS = ("etcd-v3", "etcd-v3-dynamic")
+#: etcd-v3 on the replicated embedded etcd: no etcd host, h0's agent seeds it.
+EMBEDDED = "etcd-v3-embedded"
 C10D_PORT = 29400
+EMBEDDED_PORT = 29500
 
 
 @dataclass
@@ -64,6 +74,7 @@ class Run:
     finished: bool = False  # the survivors then exited 0
     start: float | None = None  # seconds from the agents' start to all N workers up
     rejoined: float | None = None  # partition-host: from the heal until all N run again
+    formed: float | None = None  # etcd-v3-embedded: from the start to 3 voting members
     note: str = ""
 
 
@@ -78,6 +89,7 @@ def one_run(
 ) -> Run:
     run = Run(backend, victim)
     names = ["etcd", *(f"h{i}" for i in range(n))] if backend in ETCD_BACKENDS else None
+    # (c10d and etcd-v3-embedded: no store host of its own, h0's agent hosts it)
     with Lab(names or [f"h{i}" for i in range(n)]) as lab:
         try:
             return _run(lab, run, n, bound, power_off, partition)
@@ -93,17 +105,32 @@ def _run(lab: Lab, run: Run, n: int, bound: float, power_off: bool, partition: f
     """kill-host, or with ``partition`` (seconds) partition-host: the victim's link is
     down that long, then healed; it must come back (all N run again, then finish)."""
     backend, victim = run.backend, run.victim
-    endpoint = start_etcd(lab, lab["etcd"]) if backend in ETCD_BACKENDS else f"h0:{C10D_PORT}"
+    if backend in ETCD_BACKENDS:
+        endpoint = start_etcd(lab, lab["etcd"])
+    else:
+        endpoint = f"h0:{EMBEDDED_PORT if backend == EMBEDDED else C10D_PORT}"
     began = time.monotonic()
     hosts = [lab[f"h{i}"] for i in range(n)]
     finish_world = n if partition is not None else n - 1
-    job = TorchrunJob(lab, hosts, backend, endpoint, finish_world=finish_world, bound=bound)
+    job = TorchrunJob(
+        lab, hosts, "etcd-v3" if backend == EMBEDDED else backend, endpoint,
+        finish_world=finish_world, bound=bound,
+        rdzv_conf="embedded=true" if backend == EMBEDDED else None,
+    )  # fmt: skip
     deadline = time.monotonic() + bound
     if job.wait_running(n, deadline) is None:
         run.note = f"the {n} agents never ran together"
         logging.getLogger("lab").info("%s", job.logs())
         return run
     run.start = time.monotonic() - began
+    if backend == EMBEDDED:
+        # The first seconds of a job, its etcd grows from 1 to 3 members (through 2,
+        # when losing either loses the quorum): the fault comes once it has 3.
+        url = f"http://{lab['h0'].address}:{EMBEDDED_PORT}"
+        if wait_voters(url, min(3, n), deadline) is None:
+            run.note = "the embedded etcd never had 3 voting members"
+            return run
+        run.formed = time.monotonic() - began
     time.sleep(1.0)  # a little training
     dead = "h0" if victim == "endpoint" else f"h{n - 1}"
     killed = time.time()
@@ -140,8 +167,8 @@ def table(
     extra = " | back after heal" if partition else ""
     rows = [
         f"| backend | victim | median recovery | min - max | recovered{extra} | finished "
-        "| first start |",
-        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if partition else ""),
+        "| first start | etcd of 3 formed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if partition else ""),
     ]
     for victim in victims:
         for backend in backends:
@@ -153,6 +180,8 @@ def table(
             spread = f"{min(ok):.1f} - {max(ok):.1f} s" if ok else "-"
             starts = [r.start for r in mine if r.start is not None]
             first = f"{statistics.median(starts):.1f} s" if starts else "-"
+            formed = [r.formed for r in mine if r.formed is not None]
+            grown = f"{statistics.median(formed):.1f} s" if formed else "-"
             back = [r.rejoined for r in mine if r.rejoined is not None]
             rejoin = (
                 f" | {len(back)}/{len(mine)}"
@@ -162,7 +191,7 @@ def table(
             )
             rows.append(
                 f"| {backend} | {victim} | {shown} | {spread} | {len(ok)}/{len(mine)}{rejoin} "
-                f"| {sum(r.finished for r in mine)}/{len(mine)} | {first} |"
+                f"| {sum(r.finished for r in mine)}/{len(mine)} | {first} | {grown} |"
             )
     return "\n".join(rows)
 
@@ -175,7 +204,7 @@ def main() -> None:
     )
     parser.add_argument("--hosts", type=int, default=4, help="agent hosts (>= 3)")
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--backends", default="etcd-v3,c10d")
+    parser.add_argument("--backends", default="etcd-v3-embedded,c10d,etcd-v3")
     parser.add_argument("--victims", default="endpoint,agent")
     parser.add_argument("--bound", type=float, default=90.0)
     parser.add_argument("--power-off", action="store_true", help="the victim's link too")

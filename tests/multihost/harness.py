@@ -44,6 +44,24 @@ def start_etcd(lab: Lab, host: Host, binary: str | None = None, timeout: float =
     return f"{host.name}:{port}"
 
 
+def wait_voters(url: str, count: int, deadline: float, without: str = "") -> list[str] | None:
+    """Bounded wait until the etcd at ``url`` has ``count`` started voting members (none
+    of them at the address ``without``); their client URLs (None: not by the deadline)."""
+    from etcd_rendezvous.client import EtcdClient
+    from etcd_rendezvous.errors import EtcdClientError
+
+    with EtcdClient(url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(EtcdClientError):
+                members = client.members(linearizable=True)
+                urls = [u for m in members if m.started and not m.is_learner for u in m.client_urls]
+                gone = not without or not any(f"//{without}:" in u for u in urls)
+                if len(urls) == count and gone:
+                    return urls
+            time.sleep(0.2)
+    return None
+
+
 class LabNode:
     """A rendezvous participant (``lab_node.py``) on a lab host: its JSON lines and logs."""
 
@@ -157,6 +175,7 @@ class TorchrunJob:
         bound: float,
         min_nodes: int = 2,
         defer: Collection[str] = (),
+        rdzv_conf: str | None = None,
     ) -> None:
         """Starts an agent on every host but those named in ``defer`` (see :meth:`start`)."""
         self.lab = lab
@@ -181,6 +200,7 @@ class TorchrunJob:
             f"--rdzv-backend={backend}",
             f"--rdzv-endpoint={endpoint}",
             f"--rdzv-id=lab-{uuid.uuid4().hex[:8]}",
+            *([f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []),
             str(WORKER),
         ]
         self.agents: dict[str, subprocess.Popen[bytes]] = {}

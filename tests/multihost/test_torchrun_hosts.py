@@ -12,10 +12,11 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import pytest
 
-from multihost.harness import TorchrunJob, start_etcd
+from multihost.harness import TorchrunJob, start_etcd, wait_voters
 from multihost.netlab import Lab
 
 pytest.importorskip("torch")
@@ -41,24 +42,17 @@ def test_a_killed_host_costs_one_round_not_the_job(make_lab: Callable[[list[str]
     )
 
 
-EMBEDDED_RACE = pytest.mark.xfail(
-    strict=True,
-    reason="the embedded default across hosts: an agent on another host that starts "
-    "before h0's agent hosts the etcd fails at once ('no etcd answers'), where c10d's "
-    "agents wait for the store's host (issue 11, item 1: the replicated embedded etcd)",
-)
-
-
-@pytest.mark.parametrize("backend", [pytest.param("etcd-v3", marks=EMBEDDED_RACE), "c10d"], ids=str)
+@pytest.mark.parametrize("backend", ["etcd-v3", "c10d"], ids=str)
 def test_the_store_host_may_start_last(make_lab: Callable[[list[str]], Lab], backend: str) -> None:
     """``--rdzv-endpoint=h0:PORT`` and no etcd anywhere: h0's agent hosts the store
-    (etcd-v3: an embedded etcd; c10d: a TCPStore). The agents on h1 and h2 start first,
-    as happens when machines boot in any order: they must wait for it, not fail."""
+    (etcd-v3 with ``embedded=true``: the replicated embedded etcd; c10d: a TCPStore).
+    The agents on h1 and h2 start first, as happens when machines boot in any order:
+    they must wait for it, not fail."""
     lab = make_lab(["h0", "h1", "h2"])
     hosts = [lab["h0"], lab["h1"], lab["h2"]]
     job = TorchrunJob(
         lab, hosts, backend, "h0:29500", finish_world=3, bound=BOUND, min_nodes=3,
-        defer=["h0"],
+        defer=["h0"], rdzv_conf="embedded=true" if backend == "etcd-v3" else None,
     )  # fmt: skip
     time.sleep(3.0)  # h1 and h2 are importing torch, then look for the etcd
     job.start(lab["h0"])
@@ -90,3 +84,70 @@ def test_an_etcd_behind_a_partition_fails_the_agent_clearly(
     assert f"no etcd answers at --rdzv-endpoint http://{endpoint}" in log, log[-3000:]
     # a timeout, or no route once the neighbour entry expired: never a refusal
     assert "timed out" in log or "No route to host" in log, f"after {took:.1f} s:\n{log[-3000:]}"
+
+
+def test_the_embedded_etcd_survives_the_host_that_started_it(
+    make_lab: Callable[[list[str]], Lab],
+) -> None:
+    """Issue 11's promise: no etcd set up by hand, and no single point of failure. Four
+    hosts, one agent each (``--nnodes=2:4``), ``--rdzv-endpoint=h0:PORT`` with
+    ``embedded=true``: h0's agent seeds the etcd, h1..h3 join it (three voters, one host
+    waiting). h0 is killed (agent, worker and etcd member): the survivors run again in a
+    world of 3, and finish cleanly."""
+    lab = make_lab(["h0", "h1", "h2", "h3"])
+    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
+    job = TorchrunJob(
+        lab, hosts, "etcd-v3", "h0:29500", finish_world=3, bound=BOUND, min_nodes=2,
+        rdzv_conf="embedded=true",
+    )  # fmt: skip
+    deadline = time.monotonic() + BOUND
+    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
+    voters = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
+    assert voters is not None, f"the etcd never had 3 voting members:\n{job.logs()}"
+    assert {urlsplit(u).hostname for u in voters} < {h.address for h in hosts}
+    lab["h0"].kill()
+    killed = time.time()
+    times = job.wait_running(3, time.monotonic() + BOUND, since=killed)
+    assert times, f"the survivors did not run again:\n{job.logs()}"
+    codes = job.finish(dead=["h0"])
+    assert codes == {"h1": 0, "h2": 0, "h3": 0}, (
+        f"recovered {times[-1] - killed:.1f} s after the kill, then {codes}:\n{job.logs()}"
+    )
+
+
+def test_the_embedded_etcd_survives_two_member_hosts_killed_in_turn(
+    make_lab: Callable[[list[str]], Lab],
+) -> None:
+    """Four hosts, three etcd members: h0 (the seed) is killed, the host that waited
+    takes its member's place; then another member host is killed too. Two hosts are
+    left, with two of the three members: the job runs again in a world of 2 and
+    finishes."""
+    lab = make_lab(["h0", "h1", "h2", "h3"])
+    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
+    by_address = {h.address: h for h in hosts}
+    job = TorchrunJob(
+        lab, hosts, "etcd-v3", "h0:29500", finish_world=2, bound=BOUND, min_nodes=2,
+        rdzv_conf="embedded=true",
+    )  # fmt: skip
+    deadline = time.monotonic() + BOUND
+    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
+    first = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
+    assert first is not None, f"never 3 voting members:\n{job.logs()}"
+    spare = next(h for h in hosts if not any(f"//{h.address}:" in u for u in first))
+    member = next(u for u in first if f"//{lab['h0'].address}:" not in u)
+    lab["h0"].kill()
+    killed = time.time()
+    assert job.wait_running(3, time.monotonic() + BOUND, since=killed), job.logs()
+    # The replacement: h0's member removed (silent for 10 s), the spare added, promoted.
+    voters = wait_voters(member, 3, time.monotonic() + BOUND, without=lab["h0"].address)
+    assert voters is not None, f"h0's member was not replaced:\n{job.logs()}"
+    assert any(f"//{spare.address}:" in url for url in voters), (spare, voters)
+    victim = by_address[str(urlsplit(voters[0]).hostname)]
+    victim.kill()
+    killed = time.time()
+    times = job.wait_running(2, time.monotonic() + BOUND, since=killed)
+    assert times, f"the survivors did not run again after {victim.name} died:\n{job.logs()}"
+    codes = job.finish(dead=["h0", victim.name])
+    assert codes == {h.name: 0 for h in hosts if h.name not in ("h0", victim.name)}, (
+        f"{codes}:\n{job.logs()}"
+    )

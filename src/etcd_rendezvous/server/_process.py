@@ -191,13 +191,14 @@ _spawned: list[EtcdProcess] = []
 
 
 @functools.cache
-def _install_exit_handler() -> None:
+def install_exit_handler() -> None:
+    """Install the exit backstop now (exit handlers registered after it run before it)."""
     atexit.register(_stop_all_at_exit)
 
 
 def register_for_exit(obj: _Stoppable) -> None:
     """Stop ``obj`` at interpreter exit unless it was stopped (and unregistered) before."""
-    _install_exit_handler()
+    install_exit_handler()
     with _registry_lock:
         _running[id(obj)] = obj
 

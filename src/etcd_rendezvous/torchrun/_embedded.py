@@ -53,6 +53,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from etcd_rendezvous.client import Endpoint, EtcdClient
 from etcd_rendezvous.errors import EtcdClientError, EtcdPortInUseError, EtcdServerError
 from etcd_rendezvous.server import EtcdReplica, EtcdServer
+from etcd_rendezvous.server._process import install_exit_handler
 
 log = logging.getLogger(__name__)
 # The notice that an agent hosts the job's etcd must reach torchrun's console:
@@ -550,10 +551,18 @@ def _replica(cluster: str, address: str, endpoint: Endpoint, members: int) -> Et
     return EtcdReplica(cluster=cluster, address=address, port=endpoint.port, size=members)
 
 
+@functools.cache
+def _stop_replicas_at_exit() -> None:
+    # After the servers' own exit backstop, so this runs first (atexit is LIFO): the
+    # members leave, then stop, never stopped under a manager that would take their
+    # exit for a failure.
+    install_exit_handler()
+    atexit.register(stop_embedded)
+
+
 def _register(key: tuple[str, str, int], replica: EtcdReplica, fd: int) -> None:
     """Called with ``_hosted_lock`` held."""
-    if not _replicas and not _hosted:
-        atexit.register(stop_embedded)
+    _stop_replicas_at_exit()
     _replicas[key] = (replica, fd)
 
 
