@@ -22,6 +22,7 @@ NODE_SCRIPT = str(HERE / "lab_node.py")
 ETCD_SCRIPT = str(HERE / "etcd_host.py")
 WORKER = str(HERE.parent / "e2e" / "native_worker.py")
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+TORCHRUN_RECORDING = str(HERE / "lab_torchrun.py")
 Line = dict[str, Any]
 
 
@@ -176,8 +177,10 @@ class TorchrunJob:
         min_nodes: int = 2,
         defer: Collection[str] = (),
         rdzv_conf: str | None = None,
+        record_rounds: bool = False,
     ) -> None:
-        """Starts an agent on every host but those named in ``defer`` (see :meth:`start`)."""
+        """Starts an agent on every host but those named in ``defer`` (see :meth:`start`).
+        With ``record_rounds``, each agent records its assignments (:meth:`rounds`)."""
         self.lab = lab
         self.hosts = hosts
         self.markers = lab.workdir / "markers"
@@ -192,8 +195,11 @@ class TorchrunJob:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        self.rounds_dir = lab.workdir / "rounds"
+        self.rounds_dir.mkdir()
+        self.env["LAB_ROUNDS_DIR"] = str(self.rounds_dir)
         self.argv = [
-            TORCHRUN,
+            *([sys.executable, TORCHRUN_RECORDING] if record_rounds else [TORCHRUN]),
             f"--nnodes={min_nodes}:{len(hosts)}",
             "--nproc-per-node=1",
             "--max-restarts=3",
@@ -214,6 +220,17 @@ class TorchrunJob:
             self.agents[host.name] = host.spawn(
                 self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
+
+    def rounds(self) -> dict[str, list[Line]]:
+        """Every agent's recorded assignments (``record_rounds``), by node id, in the order
+        each recorded them, as the checker's ``assigned`` events."""
+        histories: dict[str, list[Line]] = {}
+        for path in sorted(self.rounds_dir.glob("*.jsonl")):
+            for text in path.read_text().splitlines():
+                if text.strip():
+                    line = {"event": "assigned", **json.loads(text)}
+                    histories.setdefault(line["node"], []).append(line)
+        return histories
 
     def log_path(self, host: Host) -> Path:
         return self.lab.workdir / f"{host.name}.log"

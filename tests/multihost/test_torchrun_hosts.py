@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from multihost.checker import check_rounds
 from multihost.harness import TorchrunJob, start_etcd, wait_voters
 from multihost.netlab import Lab
 
@@ -151,3 +152,52 @@ def test_the_embedded_etcd_survives_two_member_hosts_killed_in_turn(
     assert codes == {h.name: 0 for h in hosts if h.name not in ("h0", victim.name)}, (
         f"{codes}:\n{job.logs()}"
     )
+
+
+def test_a_member_host_partitioned_past_its_lease_rejoins_without_overlap(
+    make_lab: Callable[[list[str]], Lab],
+) -> None:
+    """Four hosts on the replicated embedded etcd; a member host other than h0 loses its
+    link for 15 s: longer than its node's lease (3 s) and than a member may stay silent
+    (10 s), so the survivors run on in a world of 3 and the waiting host replaces its
+    member. Healed, its etcd finds itself removed and its host waits as a candidate; its
+    agent joins again and all 4 run together. Every agent's recorded rounds go through
+    the checker: one membership per round, dense unique ranks, no round twice on a node.
+    """
+    lab = make_lab(["h0", "h1", "h2", "h3"])
+    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
+    job = TorchrunJob(
+        lab, hosts, "etcd-v3", "h0:29500", finish_world=4, bound=BOUND, min_nodes=2,
+        rdzv_conf="embedded=true", record_rounds=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + BOUND
+    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
+    voters = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
+    assert voters is not None, f"never 3 voting members:\n{job.logs()}"
+    victim = next(
+        h for h in hosts[1:] if any(f"//{h.address}:" in u for u in voters)
+    )  # a member, not the seed
+    victim.partition()
+    cut = time.time()
+    try:
+        assert job.wait_running(3, time.monotonic() + BOUND, since=cut), job.logs()
+        replaced = wait_voters(
+            f"http://{lab['h0'].address}:29500", 3, time.monotonic() + BOUND,
+            without=victim.address,
+        )  # fmt: skip
+        assert replaced is not None, f"{victim.name}'s member was not replaced:\n{job.logs()}"
+        time.sleep(max(0.0, cut + 15.0 - time.time()))
+    finally:
+        victim.heal()
+    healed = time.time()
+    assert job.wait_running(4, time.monotonic() + BOUND, since=healed), (
+        f"{victim.name} did not run with the others again:\n{job.logs()}"
+    )
+    assert job.finish() == {h.name: 0 for h in hosts}, job.logs()
+    histories = job.rounds()
+    rounds = check_rounds(histories)
+    back = [r for r, members in rounds.items() if len(members) == 4]
+    assert len(back) >= 2, rounds  # all four before the partition, and again after it
+    during = [r for r, members in rounds.items() if len(members) == 3]
+    assert during and min(during) < max(back), rounds
+    assert all(any(m.startswith(victim.name + "_") for m in rounds[r]) for r in back), rounds

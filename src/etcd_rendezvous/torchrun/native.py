@@ -66,6 +66,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import logging
 import socket
 import threading
@@ -108,6 +109,9 @@ log = logging.getLogger(__name__)
 # Warnings about options must reach torchrun's console: torch configures handlers for its
 # own logger tree only (ours has a NullHandler), as in ``_embedded``.
 _agent_log = logging.getLogger("torch.distributed.elastic.rendezvous.etcd_v3")
+#: Every assignment as one JSON object (node, round, rank, world_size, members), at
+#: DEBUG: for tools that check the rounds a job went through (tests/multihost).
+_rounds_log = logging.getLogger(__name__ + ".rounds")
 
 #: Options of this handler on top of the torch-dynamic plugin's.
 NATIVE_OPTIONS = frozenset({"lease_ttl", "fast_quorum", "probe"})
@@ -316,6 +320,19 @@ class NativeRendezvousHandler(RendezvousHandler):
             bootstrap.master_port,
             assignment.reason or "no reason given",
         )
+        if _rounds_log.isEnabledFor(logging.DEBUG):  # the whole membership, for checkers
+            _rounds_log.debug(
+                "assigned %s",
+                json.dumps(
+                    {
+                        "node": self._rdzv.node_id,
+                        "round": assignment.round,
+                        "rank": assignment.rank,
+                        "world_size": assignment.world_size,
+                        "members": list(assignment.members),
+                    }
+                ),
+            )
         return RendezvousInfo(store, assignment.rank, assignment.world_size, bootstrap)
 
     def is_closed(self) -> bool:
