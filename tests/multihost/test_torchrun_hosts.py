@@ -18,7 +18,7 @@ import pytest
 
 from multihost.checker import check_rounds
 from multihost.harness import TorchrunJob, start_etcd, wait_voters
-from multihost.netlab import Lab
+from multihost.netlab import Host, Lab
 
 pytest.importorskip("torch")
 
@@ -87,6 +87,24 @@ def test_an_etcd_behind_a_partition_fails_the_agent_clearly(
     assert "timed out" in log or "No route to host" in log, f"after {took:.1f} s:\n{log[-3000:]}"
 
 
+def embedded_job(
+    lab: Lab, finish_world: int, record_rounds: bool = False
+) -> tuple[TorchrunJob, list[Host], list[str]]:
+    """An agent on each of h0..h3 (``--nnodes=2:4``) on the replicated embedded etcd
+    (``h0:29500``, ``embedded=true``), once all 4 workers run and the etcd has its 3
+    voting members: the job, the hosts, the members' client URLs."""
+    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
+    job = TorchrunJob(
+        lab, hosts, "etcd-v3", "h0:29500", finish_world=finish_world, bound=BOUND,
+        min_nodes=2, rdzv_conf="embedded=true", record_rounds=record_rounds,
+    )  # fmt: skip
+    deadline = time.monotonic() + BOUND
+    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
+    voters = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
+    assert voters is not None, f"the etcd never had 3 voting members:\n{job.logs()}"
+    return job, hosts, voters
+
+
 def test_the_embedded_etcd_survives_the_host_that_started_it(
     make_lab: Callable[[list[str]], Lab],
 ) -> None:
@@ -96,15 +114,7 @@ def test_the_embedded_etcd_survives_the_host_that_started_it(
     waiting). h0 is killed (agent, worker and etcd member): the survivors run again in a
     world of 3, and finish cleanly."""
     lab = make_lab(["h0", "h1", "h2", "h3"])
-    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
-    job = TorchrunJob(
-        lab, hosts, "etcd-v3", "h0:29500", finish_world=3, bound=BOUND, min_nodes=2,
-        rdzv_conf="embedded=true",
-    )  # fmt: skip
-    deadline = time.monotonic() + BOUND
-    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
-    voters = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
-    assert voters is not None, f"the etcd never had 3 voting members:\n{job.logs()}"
+    job, hosts, voters = embedded_job(lab, finish_world=3)
     assert {urlsplit(u).hostname for u in voters} < {h.address for h in hosts}
     lab["h0"].kill()
     killed = time.time()
@@ -114,6 +124,21 @@ def test_the_embedded_etcd_survives_the_host_that_started_it(
     assert codes == {"h1": 0, "h2": 0, "h3": 0}, (
         f"recovered {times[-1] - killed:.1f} s after the kill, then {codes}:\n{job.logs()}"
     )
+    # The job is over: its members stopped with their agents, and took their data along.
+    for host in hosts[1:]:
+        left = [p for p in host.pids() if _command(p).startswith("etcd")]
+        assert not left, f"{host.name}: etcd outlived its agent: {left}"
+        data = [str(p) for p in host.tmpdir.glob("etcd-rendezvous-*") if p.is_dir()]
+        data = [d for d in data if "locks" not in d]  # the election's lock files stay
+        assert not data, f"{host.name}: etcd data left behind: {data}"
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def test_the_embedded_etcd_survives_two_member_hosts_killed_in_turn(
@@ -124,16 +149,8 @@ def test_the_embedded_etcd_survives_two_member_hosts_killed_in_turn(
     left, with two of the three members: the job runs again in a world of 2 and
     finishes."""
     lab = make_lab(["h0", "h1", "h2", "h3"])
-    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
+    job, hosts, first = embedded_job(lab, finish_world=2)
     by_address = {h.address: h for h in hosts}
-    job = TorchrunJob(
-        lab, hosts, "etcd-v3", "h0:29500", finish_world=2, bound=BOUND, min_nodes=2,
-        rdzv_conf="embedded=true",
-    )  # fmt: skip
-    deadline = time.monotonic() + BOUND
-    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
-    first = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
-    assert first is not None, f"never 3 voting members:\n{job.logs()}"
     spare = next(h for h in hosts if not any(f"//{h.address}:" in u for u in first))
     member = next(u for u in first if f"//{lab['h0'].address}:" not in u)
     lab["h0"].kill()
@@ -165,15 +182,7 @@ def test_a_member_host_partitioned_past_its_lease_rejoins_without_overlap(
     the checker: one membership per round, dense unique ranks, no round twice on a node.
     """
     lab = make_lab(["h0", "h1", "h2", "h3"])
-    hosts = [lab[name] for name in ("h0", "h1", "h2", "h3")]
-    job = TorchrunJob(
-        lab, hosts, "etcd-v3", "h0:29500", finish_world=4, bound=BOUND, min_nodes=2,
-        rdzv_conf="embedded=true", record_rounds=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + BOUND
-    assert job.wait_running(4, deadline), f"the 4 agents never ran together:\n{job.logs()}"
-    voters = wait_voters(f"http://{lab['h0'].address}:29500", 3, deadline)
-    assert voters is not None, f"never 3 voting members:\n{job.logs()}"
+    job, hosts, voters = embedded_job(lab, finish_world=4, record_rounds=True)
     victim = next(
         h for h in hosts[1:] if any(f"//{h.address}:" in u for u in voters)
     )  # a member, not the seed

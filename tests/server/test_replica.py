@@ -248,3 +248,14 @@ def test_bad_arguments_and_double_start(etcd_binary: str) -> None:
         with pytest.raises(TimeoutError, match="not learner"):
             replica.wait_for("learner", timeout=0.2)
     assert replica.state == "stopped" and replica.server is None
+
+
+def test_size_five_grows_to_five_voters(hosts: Callable[..., Hosts]) -> None:
+    h = hosts(6, size=5)
+    _until(
+        "5 voters and a candidate",
+        lambda: (
+            sorted(h.states()) == ["candidate"] + ["voter"] * 5
+            and len(h.replicas[0].endpoints) == 5
+        ),
+    )

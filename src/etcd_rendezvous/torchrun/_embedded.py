@@ -532,19 +532,10 @@ def ensure_replicated(endpoint: Endpoint, run_id: str, members: int, timeout: fl
         if fd is not None:
             _unlock(fd)
         raise
-    client = EtcdClient([endpoint.url], timeout=2.0)
-    try:
-        urls = [
-            url
-            for member in client.members()
-            if member.started and not member.is_learner
-            for url in member.client_urls
-        ]
-    except EtcdClientError:
-        urls = []
-    finally:
-        client.close()
-    return urls or [endpoint.url]
+    with EtcdClient([endpoint.url], timeout=2.0) as client:
+        with contextlib.suppress(EtcdClientError):  # the clients' autosync learns them
+            client.sync_endpoints()
+        return list(client.endpoints)
 
 
 def _replica(cluster: str, address: str, endpoint: Endpoint, members: int) -> EtcdReplica:
