@@ -6,6 +6,7 @@ already stripped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -110,6 +111,12 @@ class Member:
     def started(self) -> bool:
         """Whether the member has started (one added but not started yet has no name)."""
         return bool(self.name)
+
+
+def serving_urls(members: Iterable[Member]) -> list[str]:
+    """The client URLs requests can go to: those of the started voting members
+    (learners serve no requests, unstarted members none yet)."""
+    return [u for m in members if m.started and not m.is_learner for u in m.client_urls]
 
 
 EventType: TypeAlias = Literal["PUT", "DELETE"]

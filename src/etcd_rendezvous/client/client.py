@@ -23,6 +23,7 @@ from etcd_rendezvous.client._types import (
     RangeResponse,
     Status,
     TxnResponse,
+    serving_urls,
 )
 from etcd_rendezvous.client.lease import KeepAlive, Lease
 from etcd_rendezvous.client.txn import (
@@ -191,12 +192,7 @@ class EtcdClient:
 
         Raises what :meth:`members` raises when no member answers.
         """
-        urls = [
-            url
-            for member in self.members()
-            if member.started and not member.is_learner
-            for url in member.client_urls
-        ]
+        urls = serving_urls(self.members())
         if urls:
             self._transport.set_endpoints(urls)
         return self.endpoints

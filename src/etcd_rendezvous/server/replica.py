@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from etcd_rendezvous.client import EtcdClient, parse_endpoints
-from etcd_rendezvous.client._types import Member
+from etcd_rendezvous.client._types import Member, serving_urls
 from etcd_rendezvous.errors import (
     EtcdClientError,
     EtcdLeaseNotFoundError,
@@ -83,7 +83,7 @@ class ReplicaView:
 
     @property
     def client_urls(self) -> list[str]:
-        return [u for m in self.voters if m.started for u in m.client_urls]
+        return serving_urls(self.members)
 
 
 class EtcdReplica:

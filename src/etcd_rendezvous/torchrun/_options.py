@@ -123,6 +123,12 @@ class EtcdV3Options:
             return True
 
     @property
+    def sidecar(self) -> bool:
+        """The embedded etcd is this machine's sidecar: an agent here hosts it at a
+        loopback endpoint (``localhost:0``, none given, or ``embedded=true``)."""
+        return self.may_embed and not self.replicated
+
+    @property
     def request_timeout(self) -> float:
         """Timeout of one etcd request (``read_timeout``, at most 10 s)."""
         return float(min(self.read_timeout, MAX_REQUEST_TIMEOUT))

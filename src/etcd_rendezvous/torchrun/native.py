@@ -738,13 +738,7 @@ def create_native_handler(params: RendezvousParameters) -> NativeRendezvousHandl
         raise _torch_error(exc, params.run_id) from exc
     # The single-machine embedded etcd dies with its host agent (the watchdog then
     # fails the handler fast); a replicated one outlives any one host.
-    embedded = (
-        opts.endpoints[0]
-        if opts.may_embed
-        and not opts.replicated
-        and _embedded.is_local_host(opts.endpoints[0].host)
-        else None
-    )
+    embedded = opts.endpoints[0] if opts.sidecar else None
     store = EtcdStore(
         client,
         store_prefix(key_prefix, params.run_id),

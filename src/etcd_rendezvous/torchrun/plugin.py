@@ -107,7 +107,7 @@ def connect(opts: EtcdV3Options, params: RendezvousParameters) -> EtcdClient:
             opts.endpoints[0], params.run_id, opts.members, EMBEDDED_START_TIMEOUT
         )
         return _checked(create_client(opts, endpoints=urls), opts, params)
-    if opts.may_embed and _embedded.is_local_host(opts.endpoints[0].host):
+    if opts.sidecar:
         # The job's own sidecar (hosted here, or by another agent of the job on this
         # machine and verified to be it): never an etcd that merely answers there.
         _embedded.ensure_local_etcd(opts.endpoints[0], params.run_id, EMBEDDED_START_TIMEOUT)
